@@ -1,0 +1,23 @@
+"""Every test process sees 8 forced CPU devices (set before jax is imported), so sharding
+tests run on a real 8-device mesh while single-device tests use ``jax.devices()[:1]``."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is fetched from a hub in tests
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pathlib  # pylint: disable=wrong-import-position
+
+import pytest  # pylint: disable=wrong-import-position
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+  from crossrec_jax.models import testing
+  from crossrec_jax.data import synthetic
+  return testing.write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_bert"),
+                                       extra_words=synthetic.vocabulary_words())

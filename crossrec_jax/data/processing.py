@@ -1,0 +1,224 @@
+"""Raw records -> training / evaluation examples.
+
+Steps: link users across platforms with a keyed hash, infer each domain's task, split without
+leakage, and build each example's profile text from the user's cross-domain history strictly
+before the target.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import csv
+import dataclasses
+import hashlib
+import hmac
+import math
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from crossrec_jax.data.records import DataError, Interaction, Item
+
+CONTEXT_SPLITS = ("train", "history")  # rows a profile may be built from
+TARGET_SPLITS = ("train", "valid", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessingConfig:
+  # Linkage: HMAC-SHA256(secret, person id). The person id is `user_id`, or the `person_id`
+  # that `mapping_file` (CSV: domain,user_id,person_id) gives a platform-local user_id.
+  link_secret: str = "crossrec-default-secret"
+  mapping_file: str = ""
+  store_raw_user_ids: bool = False
+  # Splits: auto = the `split` column when present, else leave-last-out per user and domain.
+  split: str = "auto"                  # auto | given | leave_last_out | ratio
+  ratio: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/valid/test for split="ratio"
+  seed: int = 0
+  # Profiles.
+  item_template: str = "{domain}: {text}{rating}"
+  rating_template: str = " (rated {label:g})"
+  separator: str = " | "
+  max_profile_items: int = 30
+  max_items_per_domain: int = 12
+  max_profile_words: int = 256
+  cold_threshold: int = 1   # fewer prior interactions than this in the target domain = cold
+  # Domains: {"name": "rating" | "implicit"}; unlisted domains are inferred.
+  domain_tasks: tuple[tuple[str, str], ...] = ()
+  rating_scales: tuple[tuple[str, float, float], ...] = ()
+
+
+def _domain_spec_dicts(interactions: Sequence[Interaction], config: ProcessingConfig):
+  tasks = dict(config.domain_tasks)
+  scales = {d: (lo, hi) for d, lo, hi in config.rating_scales}
+  labels = collections.defaultdict(list)
+  for x in interactions:
+    labels[x.domain].append(x.label)
+  specs = []
+  for domain in sorted(labels):
+    values = np.asarray(labels[domain])
+    task = tasks.get(domain) or ("implicit" if np.all(np.isin(values, (0.0, 1.0))) else "rating")
+    lo, hi = scales.get(domain, (math.floor(values.min()), math.ceil(values.max())))
+    if task == "rating" and lo >= hi:
+      raise DataError(f"domain {domain!r}: all ratings equal {lo:g}; configure rating_scales")
+    specs.append({"name": domain, "task": task, "min_rating": float(lo) if task == "rating" else 0.0,
+                  "max_rating": float(hi) if task == "rating" else 1.0})
+  return specs
+
+
+def read_mapping(path) -> dict[tuple[str, str], str]:
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: linkage mapping file does not exist")
+  with path.open(encoding="utf-8", newline="") as f:
+    reader = csv.DictReader(f)
+    missing = {"domain", "user_id", "person_id"} - set(reader.fieldnames or ())
+    if missing:
+      raise DataError(f"{path}: mapping file lacks column(s) {sorted(missing)}; it needs "
+                      "domain,user_id,person_id")
+    mapping = {}
+    for row in reader:
+      if not row["person_id"]:
+        raise DataError(f"{path}:line {reader.line_num}: field person_id is empty")
+      mapping[(row["domain"], row["user_id"])] = row["person_id"]
+  return mapping
+
+
+def link_key(secret: str, person_id: str) -> str:
+  """Shared pseudonymous user key: HMAC-SHA256(secret, person id), hex, 32 chars."""
+  return hmac.new(secret.encode(), person_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def link_users(interactions: Sequence[Interaction], config: ProcessingConfig) -> dict[int, str]:
+  """Maps each interaction's index to its user key (raw IDs are not kept)."""
+  if not config.link_secret:
+    raise DataError("link_secret is empty: user linkage needs a secret key (HMAC-SHA256)")
+  mapping = read_mapping(config.mapping_file) if config.mapping_file else None
+  keys, cache = {}, {}
+  for i, x in enumerate(interactions):
+    person = x.user_id
+    if mapping is not None:
+      person = mapping.get((x.domain, x.user_id), x.user_id)
+    if person not in cache:
+      cache[person] = link_key(config.link_secret, person)
+    keys[i] = cache[person]
+  return keys
+
+
+def assign_splits(interactions: Sequence[Interaction], user_keys: dict[int, str],
+                  config: ProcessingConfig) -> list[str]:
+  given = [x.split for x in interactions]
+  mode = config.split
+  if mode == "auto":
+    mode = "given" if any(given) else "leave_last_out"
+  if mode == "given":
+    missing = next((x for x, s in zip(interactions, given) if not s), None)
+    if missing is not None:
+      raise DataError(f"{missing.place}: field split is empty while other rows have one; fill "
+                      "it for every row or drop the column")
+    return list(given)
+  if mode == "ratio":
+    train, valid, test = config.ratio
+    if min(config.ratio) < 0 or abs(train + valid + test - 1.0) > 1e-6:
+      raise DataError(f"ratio {config.ratio} must be three non-negative fractions summing to 1")
+    u = np.random.default_rng(config.seed).random(len(interactions))
+    return ["train" if r < train else "valid" if r < train + valid else "test" for r in u]
+  if mode == "leave_last_out":
+    splits = ["train"] * len(interactions)
+    groups = collections.defaultdict(list)
+    for i, x in enumerate(interactions):
+      groups[(user_keys[i], x.domain)].append(i)
+    for rows in groups.values():
+      rows.sort(key=lambda i: interactions[i].order)
+      splits[rows[-1]] = "test"
+      if len(rows) >= 3:
+        splits[rows[-2]] = "valid"
+    return splits
+  raise DataError(f"unknown split mode {config.split!r}; use auto, given, leave_last_out or ratio")
+
+
+def _item_line(x: Interaction, items, task: str, config: ProcessingConfig) -> str:
+  item = items[(x.domain, x.item_id)]
+  text = item.text or f"item {x.item_id}"
+  rating = config.rating_template.format(label=x.label) if task == "rating" else ""
+  return config.item_template.format(domain=x.domain, text=text, rating=rating)
+
+
+def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, str], Item],
+                   config: ProcessingConfig) -> dict[str, Any]:
+  """Returns dict(examples={split: [record]}, items=[record], domains=[spec], counts=...)."""
+  specs = _domain_spec_dicts(interactions, config)
+  task = {s["name"]: s["task"] for s in specs}
+  index = {s["name"]: i for i, s in enumerate(specs)}
+  keys = link_users(interactions, config)
+  splits = assign_splits(interactions, keys, config)
+
+  by_user = collections.defaultdict(list)
+  for i, x in enumerate(interactions):
+    by_user[keys[i]].append(i)
+  train_users = {keys[i] for i, s in enumerate(splits) if s == "train"}
+  train_items = {(x.domain, x.item_id) for x, s in zip(interactions, splits) if s == "train"}
+
+  examples = {s: [] for s in TARGET_SPLITS}
+  for user, rows in by_user.items():
+    context = sorted((i for i in rows if splits[i] in CONTEXT_SPLITS),
+                     key=lambda i: interactions[i].order)
+    context_order = [interactions[i].order for i in context]
+    domain_orders = collections.defaultdict(list)
+    for i in context:
+      domain_orders[interactions[i].domain].append(interactions[i].order)
+    lines = [_item_line(interactions[i], items, task[interactions[i].domain], config) for i in context]
+    for target in rows:
+      split = splits[target]
+      if split not in TARGET_SPLITS:
+        continue
+      x = interactions[target]
+      # Strictly earlier context only: never the target itself, nothing at or after its time.
+      end = bisect.bisect_left(context_order, x.order)
+      in_domain = bisect.bisect_left(domain_orders[x.domain], x.order)
+      # Ranking evaluation excludes the user's earlier items of the target domain.
+      need_history = task[x.domain] == "implicit"
+      chosen, per_domain, words, history = [], collections.Counter(), 0, []
+      for j in range(end - 1, -1, -1):  # newest first
+        prior = interactions[context[j]]
+        if need_history and prior.domain == x.domain:
+          history.append(prior.item_id)
+        full = len(chosen) >= config.max_profile_items or words >= config.max_profile_words
+        if full and not need_history:
+          break
+        n_words = len(lines[j].split())
+        if (full or per_domain[prior.domain] >= config.max_items_per_domain
+            or words + n_words > config.max_profile_words):
+          continue
+        chosen.append(lines[j])
+        per_domain[prior.domain] += 1
+        words += n_words
+      record = {
+          "user_key": user, "domain": x.domain, "domain_index": index[x.domain],
+          "item_id": x.item_id, "item_text": items[(x.domain, x.item_id)].text,
+          "label": x.label, "profile": config.separator.join(chosen), "order": x.order,
+          "cold": in_domain < config.cold_threshold, "history_items": history,
+          "user_in_train": user in train_users,
+          "item_in_train": (x.domain, x.item_id) in train_items,
+          "raw_user_id": x.user_id if config.store_raw_user_ids else "",
+      }
+      examples[split].append(record)
+
+  item_records = [{"domain": d, "item_id": i, "item_text": it.text, "domain_index": index[d],
+                   "item_in_train": (d, i) in train_items}
+                  for (d, i), it in sorted(items.items()) if d in index]
+  return {"examples": examples, "items": item_records, "domains": specs,
+          "counts": _counts(interactions, splits, keys, item_records)}
+
+
+def _counts(interactions, splits, keys, item_records) -> dict[str, Any]:
+  per_domain = collections.defaultdict(lambda: collections.Counter())
+  users = collections.defaultdict(set)
+  for i, (x, s) in enumerate(zip(interactions, splits)):
+    per_domain[x.domain][s] += 1
+    users[x.domain].add(keys[i])
+  items = collections.Counter(r["domain"] for r in item_records)
+  return {"users": len(set(keys.values())),
+          "domains": {d: {"users": len(users[d]), "items": items[d],
+                          "interactions": dict(per_domain[d])} for d in sorted(per_domain)}}

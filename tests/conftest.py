@@ -21,3 +21,9 @@ def tiny_checkpoint(tmp_path_factory):
   from crossrec_jax.data import synthetic
   return testing.write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_bert"),
                                        extra_words=synthetic.vocabulary_words())
+
+
+def shared_data(name):
+  path = SHARED_DATA / name
+  return pytest.mark.skipif(not path.is_dir(), reason=f"{path} is absent (licensed data, CI only)")(
+      lambda f: f)

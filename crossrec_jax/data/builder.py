@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import numpy as np
@@ -88,8 +89,9 @@ class CrossDomain(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # inputs are local
     processed = load_and_process(self.builder_config.source_config)
     self.info.metadata.update({k: processed[k] for k in ("domains", "counts", "report")})
+    # tfds cannot write an empty split (e.g. no valid split under an 80/20 ratio): leave it out.
     splits = {name: self._generate_examples(records)
-              for name, records in processed["examples"].items()}
+              for name, records in processed["examples"].items() if records}
     splits["items"] = self._generate_examples(processed["items"])
     return splits
 
@@ -140,8 +142,16 @@ def prepare(source: str = "synthetic", path: str = "", *, data_dir: str | None =
                         file_format="array_record")
   if not builder.is_prepared():
     tfds.disable_progress_bar()
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    config_dir = pathlib.Path(builder.data_dir).parent
+    existed = config_dir.exists()
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except BaseException:
+      # tfds already removed its incomplete.* directory; drop the empty config folder too.
+      if not existed and config_dir.exists() and not any(config_dir.rglob("*.array_record*")):
+        shutil.rmtree(config_dir, ignore_errors=True)
+      raise
   return builder
 
 

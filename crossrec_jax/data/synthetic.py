@@ -57,13 +57,16 @@ def generate(config: SyntheticConfig = SyntheticConfig()):
   items: dict[tuple[str, str], Item] = {}
   item_genre, item_quality, catalog = {}, {}, {}
   for domain, (_, noun) in DOMAINS.items():
-    catalog[domain] = []
+    catalog[domain], titles = [], set()
     for i in range(config.items_per_domain):
       g = int(rng.integers(len(genres)))
       adjectives, nouns = GENRES[genres[g]]
-      title = f"the {rng.choice(adjectives)} {rng.choice(nouns)}"
-      if rng.random() < 0.5:
-        title += f" of the {rng.choice(adjectives)} {rng.choice(nouns)}"
+      title = None
+      while title is None or title in titles:  # titles are unique within a domain
+        title = f"the {rng.choice(adjectives)} {rng.choice(nouns)}"
+        if rng.random() < 0.5:
+          title += f" of the {rng.choice(adjectives)} {rng.choice(nouns)}"
+      titles.add(title)
       item_id = f"{domain[:2]}{i:04d}"
       items[(domain, item_id)] = Item(item_id, domain, f"{title}. genre: {genres[g]} {noun}")
       item_genre[(domain, item_id)] = g
@@ -96,7 +99,11 @@ def generate(config: SyntheticConfig = SyntheticConfig()):
         else:
           label = 1.0
         events.append((domain, ids[c], label))
-    order = rng.permutation(len(events))
+    order = list(rng.permutation(len(events)))
+    if cold_domain is not None:  # a user who joins a new platform: its one event comes last
+      last = next(i for i, e in enumerate(events) if e[0] == cold_domain)
+      order.remove(last)
+      order.append(last)
     for position, e in enumerate(order):
       domain, item_id, label = events[e]
       interactions.append(Interaction(f"user{u:05d}", domain, item_id, label, float(position),

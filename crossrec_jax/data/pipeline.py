@@ -168,13 +168,14 @@ def train_loader(train_source, catalog: Catalog, tokenizer, config: PipelineConf
 def eval_batches(source, catalog: Catalog, tokenizer, config: PipelineConfig, *,
                  batch_size: int | None = None, limit: int | None = None
                  ) -> Iterator[tuple[dict[str, np.ndarray], list[dict[str, Any]]]]:
-  """Sequential batches of this process's shard, the last one padded (weight 0).
+  """Sequential global batches, the last one padded (weight 0). Every process reads the same
+  batches (evaluation sets are small; each process then feeds its devices' slices).
 
   Yields (batch, records); records carry ``history_items`` for ranking exclusion.
   """
-  batch_size = batch_size or config.batch_size // jax.process_count()
+  batch_size = batch_size or config.batch_size
   n = len(source) if limit is None else min(limit, len(source))
-  indices = np.array_split(np.arange(n), jax.process_count())[jax.process_index()]
+  indices = np.arange(n)
   for start in range(0, len(indices), batch_size):
     chunk = indices[start:start + batch_size]
     records = []

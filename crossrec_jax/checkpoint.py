@@ -1,0 +1,116 @@
+"""Orbax checkpoints of a training run: train state + data-iterator state + a self-contained
+description (config, model config, tokenizer directory), keeping the last K and the best one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointIncompatibleError(RuntimeError):
+  """A checkpoint that does not fit the model / config being restored."""
+
+
+class Checkpointer:
+
+  def __init__(self, directory, *, keep: int = 2, best_metric: str = "", best_mode: str = "max",
+               async_save: bool = True):
+    self.directory = pathlib.Path(directory).absolute()
+    preserve = [policies.LatestN(keep)]
+    if best_metric:
+      preserve.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
+                                     reverse=best_mode == "min",
+                                     keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy(preserve),
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data_iter", "meta"))
+
+  def save(self, step: int, state, data_iter_state: bytes | None, meta: dict[str, Any],
+           metrics: dict[str, float] | None = None) -> None:
+    data = json.loads(data_iter_state) if data_iter_state else {}
+    self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data_iter=ocp.args.JsonSave(data),
+        meta=ocp.args.JsonSave(meta)))
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def all_steps(self):
+    return sorted(self.manager.all_steps())
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return restored["meta"]
+
+  def restore(self, abstract_state, *, expected_meta: dict[str, Any] | None = None):
+    """Latest restorable checkpoint -> (step, state, data_iter_state bytes, meta) or None.
+
+    A corrupt latest checkpoint is reported and the previous one used; an incompatible one
+    (other model shape / config) raises ``CheckpointIncompatibleError``: never a silent fresh
+    start over existing checkpoints.
+    """
+    steps = self.all_steps()
+    errors = []
+    for step in reversed(steps):
+      try:
+        meta = self.read_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(f"step {step}: {type(e).__name__}: {e}")
+        log.warning("checkpoint %s/%d is unreadable (%s); trying the previous one",
+                    self.directory, step, e)
+        continue
+      if expected_meta is not None:
+        _check_compatible(self.directory / str(step), meta, expected_meta)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data_iter=ocp.args.JsonRestore()))
+      except (ValueError, KeyError) as e:
+        if "shape" in str(e).lower() or "structure" in str(e).lower() or isinstance(e, KeyError):
+          raise CheckpointIncompatibleError(
+              f"{self.directory / str(step)}: the saved train state does not match this model "
+              f"({e}). Use a new --workdir for a different model, or restore the matching config.") from e
+        errors.append(f"step {step}: {type(e).__name__}: {e}")
+        log.warning("checkpoint %s/%d is corrupt (%s); trying the previous one", self.directory, step, e)
+        continue
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(f"step {step}: {type(e).__name__}: {e}")
+        log.warning("checkpoint %s/%d is corrupt (%s); trying the previous one", self.directory, step, e)
+        continue
+      if errors:
+        log.warning("resumed from step %d after skipping unreadable checkpoints: %s", step, errors)
+      data = restored["data_iter"]
+      return step, restored["state"], json.dumps(data).encode() if data else None, meta
+    if steps:
+      raise RuntimeError(
+          f"{self.directory}: no checkpoint could be restored ({'; '.join(errors)}). Move the "
+          "directory away to start fresh; it is left untouched.")
+    return None
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _check_compatible(path, meta, expected):
+  for key in ("model",):
+    if meta.get(key) != expected.get(key):
+      saved, wanted = meta.get(key) or {}, expected.get(key) or {}
+      diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+      raise CheckpointIncompatibleError(
+          f"{path}: checkpoint was written for another model (differs in {diff}). Use a new "
+          "--workdir, or pass the config the checkpoint was trained with.")
+
+
+def abstract_like(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,54 @@
+"""Every training option with its default; config files in configs/ start from ``base_config()``."""
+
+import ml_collections
+
+from crossrec_jax.sharding import DEFAULT_RULES
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 32                 # global
+  c.train_steps = 1000
+  c.log_every = 10
+  c.eval_every = 200                # 0: only at the end
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 2
+  c.best_metric = ""                # e.g. "music/ndcg@10" or "books/rmse"
+  c.best_mode = "max"               # max | min (rmse/mae are minimised automatically)
+  c.early_stopping_patience = 0     # evals without improvement of best_metric; 0 disables
+  c.async_checkpointing = True
+
+  c.model = ml_collections.ConfigDict(dict(
+      checkpoint="embedded:all-MiniLM-L6-v2",  # HF dir, hub id (online), embedded:..., generated:tiny
+      dim=128, pooling="mean", user_buckets=1024, item_buckets=1024, tower_dim=128,
+      retrieval_dim=64, num_experts=0, dtype="float32"))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="synthetic", path="", data_dir="", bad_rows="fail",
+      split="auto", ratio=(0.8, 0.1, 0.1), link_secret="crossrec-default-secret",
+      mapping_file="", max_profile_items=12, max_items_per_domain=8, max_profile_words=200,
+      synthetic_users=400, items_per_domain=120,
+      user_max_length=64, item_max_length=24, num_negatives=1,
+      eval_split="valid", test_split="test", eval_limit=0))  # eval_limit 0: whole split
+
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, encoder_lr_factor=1.0, schedule="linear", warmup_steps=100,
+      end_lr_factor=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
+      accumulate_steps=1, freeze_encoder_layers=0, trainable_patterns=(),
+      no_decay_patterns=("bias$", "scale$", "embedding$")))
+
+  c.loss = ml_collections.ConfigDict(dict(
+      rating_weight=1.0, bce_weight=1.0, inbatch_weight=1.0, inbatch_temperature=1.0,
+      rating_positive_threshold=0.75, domain_weights={}))
+
+  c.adversarial = ml_collections.ConfigDict(dict(
+      method="fgm",        # none | fgm | pgd | smart
+      eps=1.0, weight=0.5, step_size=0.5, steps=2, noise=1e-3))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = tuple(DEFAULT_RULES)
+
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="", num_processes=0, process_id=-1))  # or JAX_COORDINATOR_ADDRESS etc.
+  return c

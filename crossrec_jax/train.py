@@ -1,0 +1,334 @@
+"""Training: ``train_and_evaluate(config, workdir)`` and ``python -m crossrec_jax.train``.
+
+python -m crossrec_jax.train --config configs/demo.py --workdir runs/demo [--config.key=value]
+
+Re-running the same command resumes from the latest checkpoint in ``workdir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from crossrec_jax import checkpoint as ckpt_lib
+from crossrec_jax import data as data_lib
+from crossrec_jax import evaluate as eval_lib
+from crossrec_jax import optim, sharding, steps
+from crossrec_jax.data import pipeline
+from crossrec_jax.models import CrossDomainRecommender, DomainSpec, hf, testing
+
+log = logging.getLogger("crossrec_jax")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN / inf; the run stops and nothing from it is checkpointed."""
+
+
+def maybe_initialize_distributed(config) -> None:
+  """``jax.distributed.initialize`` when several processes are configured (or on TPU pods)."""
+  d = config.distributed
+  address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  num = int(d.num_processes or os.environ.get("JAX_NUM_PROCESSES", 0) or 0)
+  pid = int(d.process_id if d.process_id >= 0 else os.environ.get("JAX_PROCESS_ID", -1))
+  if jax.distributed.is_initialized():
+    return
+  if address and num > 1:
+    jax.distributed.initialize(address, num_processes=num, process_id=pid)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    jax.distributed.initialize()  # TPU pod slice: everything comes from the environment
+
+
+def resolve_model_checkpoint(config, workdir: pathlib.Path) -> pathlib.Path:
+  name = config.model.checkpoint
+  if name.startswith("generated:tiny"):
+    # A random tiny BERT written as a real checkpoint (tests, smoke runs): same loading path.
+    target = workdir / "generated_bert"
+    if not (target / "model.safetensors").exists() and jax.process_index() == 0:
+      testing.write_tiny_checkpoint(target, seed=config.seed,
+                                    extra_words=data_lib.synthetic.vocabulary_words())
+    _barrier("generated_bert")
+    return target
+  return hf.resolve_checkpoint(name)
+
+
+def _barrier(name):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
+def prepare_data(config):
+  d = config.data
+  processing = data_lib.ProcessingConfig(
+      link_secret=d.link_secret, mapping_file=d.mapping_file, split=d.split, ratio=tuple(d.ratio),
+      seed=config.seed, max_profile_items=d.max_profile_items,
+      max_items_per_domain=d.max_items_per_domain, max_profile_words=d.max_profile_words)
+  synthetic = data_lib.SyntheticConfig(num_users=d.synthetic_users,
+                                       items_per_domain=d.items_per_domain, seed=config.seed)
+  kwargs = dict(data_dir=d.data_dir or None, bad_rows=d.bad_rows, processing=processing,
+                synthetic_config=synthetic)
+  # One process prepares; the others wait and then read the finished data set.
+  if jax.process_index() == 0:
+    builder = data_lib.prepare(d.source, d.path, **kwargs)
+  _barrier("prepare_data")
+  if jax.process_index() != 0:
+    builder = data_lib.prepare(d.source, d.path, **kwargs)
+  return builder
+
+
+def _flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:
+  return {f"{name}/{k}": float(v) for name, m in results.items() for k, v in m.items()}
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some notebook runners)
+      pass
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a training run builds from its config (also used by tests and notebooks)."""
+  config: Any
+  workdir: pathlib.Path
+  mesh: Any
+  graphdef: Any
+  model_config: Any
+  tokenizer: Any
+  catalog: Any
+  sources: Any
+  pipe_config: Any
+  tx: Any
+  state_shardings: Any
+  abstract_state: Any
+  meta: dict
+
+
+def build_run(config, workdir) -> tuple[Run, Any]:
+  """Returns (run, initial params as numpy host arrays)."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  model_dir = resolve_model_checkpoint(config, workdir)
+  builder = prepare_data(config)
+  md = data_lib.metadata(builder)
+  domains = tuple(DomainSpec(**d) for d in md["domains"])
+  m = config.model
+  model = CrossDomainRecommender.from_pretrained(
+      str(model_dir), domains=domains, seed=config.seed, dim=m.dim, pooling=m.pooling,
+      user_buckets=m.user_buckets, item_buckets=m.item_buckets, tower_dim=m.tower_dim,
+      retrieval_dim=m.retrieval_dim, num_experts=m.num_experts, dtype=m.dtype)
+  graphdef, params_state = nnx.split(model, nnx.Param)
+  logical = sharding.logical_axes_tree(params_state)
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(params_state))
+
+  tokenizer = hf.load_tokenizer(model_dir)
+  if jax.process_index() == 0 and not (workdir / "tokenizer").exists():
+    tokenizer.save_pretrained(str(workdir / "tokenizer"))  # self-contained for inference
+
+  mesh = sharding.create_mesh(dict(config.mesh))
+  if config.batch_size % mesh.devices.size:
+    raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {mesh.devices.size} devices")
+  sources = builder.as_data_source()
+  pipe_config = pipeline.PipelineConfig(
+      batch_size=config.batch_size, user_max_length=config.data.user_max_length,
+      item_max_length=config.data.item_max_length, num_negatives=config.data.num_negatives,
+      user_buckets=m.user_buckets, item_buckets=m.item_buckets, seed=config.seed)
+  catalog = pipeline.Catalog(sources["items"], [d.name for d in domains], tokenizer, pipe_config)
+
+  tx = optim.create_optimizer(config, params)
+  abstract_state = jax.eval_shape(lambda p: steps.TrainState(
+      jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0)), params)
+  shardings_ = steps.state_shardings(abstract_state, logical, tx, tuple(config.sharding_rules), mesh)
+  meta = json.loads(json.dumps({
+      "config": config.to_dict(), "model": model.config.to_dict(),
+      "tokenizer": "tokenizer", "bert_checkpoint": str(model_dir), "data": md,
+  }, default=list))
+  run = Run(config, workdir, mesh, graphdef, model.config, tokenizer, catalog, sources,
+            pipe_config, tx, shardings_, abstract_state, meta)
+  return run, params
+
+
+def init_state(run: Run, params) -> steps.TrainState:
+  global_params = jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]),
+      params, run.state_shardings.params)
+  rng = jax.random.PRNGKey(run.config.seed)
+
+  def init(p):
+    return steps.TrainState(jnp.zeros((), jnp.int32), p, run.tx.init(p), rng)
+
+  return jax.jit(init, out_shardings=run.state_shardings)(global_params)
+
+
+def train_and_evaluate(config, workdir) -> dict[str, Any]:
+  """Trains (resuming if ``workdir`` has checkpoints), evaluates, returns the final metrics."""
+  maybe_initialize_distributed(config)
+  run, params = build_run(config, workdir)
+  workdir = run.workdir
+  is_main = jax.process_index() == 0
+  best_mode = config.best_mode
+  if config.best_metric.split("/")[-1] in ("rmse", "mae"):
+    best_mode = "min"
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                       best_metric=config.best_metric, best_mode=best_mode,
+                                       async_save=config.async_checkpointing)
+  restored = checkpointer.restore(ckpt_lib.abstract_like(run.abstract_state, run.state_shardings),
+                                  expected_meta=run.meta)
+  implicit = [i for i, d in enumerate(run.model_config.domains) if d.task == "implicit"]
+  iterator = iter(pipeline.train_loader(run.sources["train"], run.catalog, run.tokenizer,
+                                        run.pipe_config, implicit))
+  if restored is not None:
+    step0, state, data_state, _ = restored
+    if data_state:
+      iterator.set_state(data_state)
+    log.info("resumed from %s at step %d", checkpointer.directory, step0)
+    print(f"Resuming from checkpoint step {step0} in {checkpointer.directory}")
+  else:
+    state = init_state(run, params)
+  del params
+
+  tables = steps.TaskTables.from_config(run.model_config, dict(config.loss.domain_weights))
+  train_step = steps.jit_train_step(steps.make_train_step(run.graphdef, run.tx, tables, config),
+                                    run.state_shardings, run.mesh)
+  evaluator = eval_lib.Evaluator(run.graphdef, run.mesh, run.catalog, run.tokenizer,
+                                 run.pipe_config, run.model_config)
+  baselines = eval_lib.Baselines(run.sources["train"], run.catalog, run.model_config.domain_names)
+  eval_split = config.data.eval_split if config.data.eval_split in run.sources else config.data.test_split
+  limit = config.data.eval_limit or None
+  writer = _summary_writer(workdir) if is_main else None
+  schedule = optim.learning_rate_schedule(config)
+  preemption = _Preemption()
+
+  def save(step, metrics=None):
+    checkpointer.save(step, state, iterator.get_state(), run.meta, metrics)
+
+  def evaluate(step, split) -> dict[str, dict[str, float]]:
+    results = evaluator.evaluate(state.params, run.sources[split], limit=limit, baselines=baselines)
+    if is_main:
+      with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "split": split, "metrics": results}) + "\n")
+      if writer is not None:
+        for key, value in _flatten(results).items():
+          writer.add_scalar(f"{split}/{key}".replace("@", "_at_"), value, step)
+        writer.flush()
+      print(f"\n[step {step}] {split} metrics (ours vs baseline):\n{eval_lib.format_table(results)}")
+    return results
+
+  start = int(jax.device_get(state.step))
+  best, evals_since_best, last_results = None, 0, {}
+  progress = _progress(start, config.train_steps, is_main)
+  t0, examples = time.time(), 0
+  step = start
+  try:
+    while step < config.train_steps:
+      batch = sharding.host_batch_to_global(next(iterator), run.mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      examples += config.batch_size
+      progress.update(1)
+      at_checkpoint = config.checkpoint_every and step % config.checkpoint_every == 0
+      at_eval = config.eval_every and step % config.eval_every == 0 and step < config.train_steps
+      if step % config.log_every == 0 or at_checkpoint or at_eval or step == config.train_steps \
+          or preemption.requested:
+        metrics = jax.device_get(metrics)
+        if not np.isfinite(metrics["loss"]):
+          raise NonFiniteLossError(
+              f"loss is {metrics['loss']} at step {step}; stopping without checkpointing it. "
+              f"The last good checkpoint in {checkpointer.directory} is kept. Lower "
+              "optim.learning_rate, enable optim.clip_norm, or check the data.")
+        rate = examples / max(time.time() - t0, 1e-9)
+        if writer is not None:
+          for key, value in metrics.items():
+            writer.add_scalar(f"train/{key}", float(value), step)
+          writer.add_scalar("train/learning_rate", float(schedule(step - 1)), step)
+          writer.add_scalar("train/examples_per_second", rate, step)
+        progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", ex_s=f"{rate:.1f}")
+      if preemption.requested:
+        save(step)
+        checkpointer.wait()
+        print(f"\nSIGTERM received: saved step {step} to {checkpointer.directory}; exiting.")
+        break
+      eval_metrics = None
+      if at_eval:
+        last_results = evaluate(step, eval_split)
+        eval_metrics = _flatten(last_results)
+        if config.best_metric and config.early_stopping_patience:
+          value = eval_metrics.get(config.best_metric)
+          better = best is None or (value < best if best_mode == "min" else value > best)
+          best, evals_since_best = (value, 0) if better else (best, evals_since_best + 1)
+          if evals_since_best >= config.early_stopping_patience:
+            print(f"\nEarly stopping at step {step}: {config.best_metric} has not improved "
+                  f"for {evals_since_best} evaluations (best {best:.4f}).")
+            save(step, eval_metrics)
+            break
+      if at_checkpoint or at_eval:
+        save(step, eval_metrics if config.best_metric else None)
+    else:  # reached train_steps (also when re-run after the end: evaluates the final state)
+      last_results = evaluate(step, eval_split)
+      if step not in checkpointer.all_steps():
+        save(step, _flatten(last_results) if config.best_metric else None)
+      if config.data.test_split in run.sources and config.data.test_split != eval_split:
+        last_results = evaluate(step, config.data.test_split)
+  finally:
+    progress.close()
+    checkpointer.close()
+    if writer is not None:
+      writer.close()
+  return {"step": step, "metrics": last_results}
+
+
+def _progress(start, total, enabled):
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, initial=start, desc="train", unit="step", disable=not enabled,
+              dynamic_ncols=True, file=sys.stdout)
+
+
+def _summary_writer(workdir):
+  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  # Orbax / tfds log every save at INFO through absl: keep the console to the progress bar.
+  absl_logging.set_verbosity(absl_logging.INFO if os.environ.get("CROSSREC_VERBOSE") else absl_logging.WARNING)
+  result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  if jax.process_index() == 0:
+    print(json.dumps({"final_step": result["step"]}))
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=import-outside-toplevel
+  _define_flags()
+  app.run(main)

@@ -124,8 +124,8 @@ class Run:
   meta: dict
 
 
-def build_run(config, workdir) -> tuple[Run, Any]:
-  """Returns (run, initial params as numpy host arrays)."""
+def build_run(config, workdir, devices=None) -> tuple[Run, Any]:
+  """Returns (run, initial params as numpy host arrays); ``devices`` defaults to all."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   model_dir = resolve_model_checkpoint(config, workdir)
@@ -145,7 +145,7 @@ def build_run(config, workdir) -> tuple[Run, Any]:
   if jax.process_index() == 0 and not (workdir / "tokenizer").exists():
     tokenizer.save_pretrained(str(workdir / "tokenizer"))  # self-contained for inference
 
-  mesh = sharding.create_mesh(dict(config.mesh))
+  mesh = sharding.create_mesh(dict(config.mesh), devices)
   if config.batch_size % mesh.devices.size:
     raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {mesh.devices.size} devices")
   sources = builder.as_data_source()

@@ -16,17 +16,19 @@ def get_config():
   config.data.source = "synthetic"
   config.data.synthetic_users = 400
   config.data.items_per_domain = 120
-  config.data.user_max_length = 64
-  config.data.item_max_length = 24
-  config.data.max_profile_items = 8
+  config.data.user_max_length = 48
+  config.data.item_max_length = 20
+  config.data.max_profile_items = 5
   config.batch_size = 32
-  config.train_steps = 240
+  config.train_steps = 150
   config.optim.learning_rate = 1e-3
-  config.optim.encoder_lr_factor = 0.05
-  config.optim.warmup_steps = 20
-  config.eval_every = 80
-  config.checkpoint_every = 80
+  config.optim.encoder_lr_factor = 0.1
+  config.optim.warmup_steps = 15
+  config.eval_every = 75
+  config.checkpoint_every = 75
   config.data.eval_limit = 600
   config.best_metric = "music/ndcg@10"
   config.adversarial.method = "fgm"
+  config.adversarial.eps = 0.1      # MiniLM token embeddings have norm ~1: keep r small
+  config.adversarial.weight = 0.3
   return config

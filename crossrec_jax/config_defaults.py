@@ -18,6 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.best_mode = "max"               # max | min (rmse/mae are minimised automatically)
   c.early_stopping_patience = 0     # evals without improvement of best_metric; 0 disables
   c.async_checkpointing = True
+  c.steps_per_run = 0               # > 0: save and stop after this many steps (time-sliced jobs)
 
   c.model = ml_collections.ConfigDict(dict(
       checkpoint="embedded:all-MiniLM-L6-v2",  # HF dir, hub id (online), embedded:..., generated:tiny
@@ -39,7 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
       no_decay_patterns=("bias$", "scale$", "embedding$")))
 
   c.loss = ml_collections.ConfigDict(dict(
-      rating_weight=1.0, bce_weight=1.0, inbatch_weight=1.0, inbatch_temperature=1.0,
+      rating_weight=10.0, bce_weight=1.0, inbatch_weight=1.0, inbatch_temperature=1.0,
+      logq_correction=True,
       rating_positive_threshold=0.75, domain_weights={}))
 
   c.adversarial = ml_collections.ConfigDict(dict(

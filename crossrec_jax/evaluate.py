@@ -46,7 +46,7 @@ class Evaluator:
           {"ids": c.input_ids[padded], "mask": c.attention_mask[padded], "bucket": c.bucket[padded]},
           self.mesh)
       vec = self._encode_items(params, arrays["ids"], arrays["mask"], arrays["bucket"])
-      out.append(np.asarray(vec)[:len(rows)])
+      out.append(sharding.to_host(vec)[:len(rows)])
     return np.concatenate(out)
 
   def predictions(self, params, source, limit=None):
@@ -57,7 +57,7 @@ class Evaluator:
       out = self._predict(params, sharding.global_from_full_batch(batch, self.mesh))
       n = len(recs)
       for key in ("rating", "logit", "user"):
-        preds[key].append(np.asarray(out[key])[:n])
+        preds[key].append(sharding.to_host(out[key])[:n])
       preds["item_row"].append(batch["item_row"][:n])
       records.extend(recs)
     return {k: np.concatenate(v) for k, v in preds.items()}, records
@@ -99,8 +99,8 @@ class Evaluator:
 
   def _domain_scores(self, params, d, users, item_vecs):
     rows = self.catalog.rows_of_domain[d]
-    item_proj = np.asarray(self._project_items(params, item_vecs[rows]))[:, d]   # [N_d, R]
-    user_proj = np.asarray(self._project_users(params, users))[:, d]            # [n, R]
+    item_proj = sharding.to_host(self._project_items(params, item_vecs[rows]))[:, d]   # [N_d, R]
+    user_proj = sharding.to_host(self._project_users(params, users))[:, d]            # [n, R]
     return user_proj @ item_proj.T
 
   def _ranking(self, scores, d, records, item_rows):

@@ -109,3 +109,13 @@ def global_from_full_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_callback(np.shape(v), sharding, lambda idx, v=v: np.asarray(v)[idx])
           for k, v in batch.items()}
+
+
+def to_host(x) -> np.ndarray:
+  """A (replicated or fully addressable) array as numpy, on every process of a multi-host run."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

@@ -64,6 +64,8 @@ def multitask_loss(model, out, batch, tables: TaskTables, loss_config):
     users = jnp.take_along_axis(model.head.project_users(out["user"]), domain[:, None, None], 1)[:, 0]
     items = model.head.project_items(out["item"])[:, domain]          # [C, B, R]
     logits = jnp.einsum("br,cbr->bc", users, items) / loss_config.inbatch_temperature
+    if loss_config.logq_correction:  # candidates arrive by popularity: correct for it
+      logits = logits - batch["item_log_q"][None, :]
     rows = batch["item_row"]
     eye = jnp.eye(domain.shape[0], dtype=bool)
     candidates = ((domain[None, :] == domain[:, None]) & (batch["weight"][None, :] > 0)

@@ -26,6 +26,7 @@ from crossrec_jax import checkpoint as ckpt_lib
 from crossrec_jax import data as data_lib
 from crossrec_jax import evaluate as eval_lib
 from crossrec_jax import optim, sharding, steps
+from crossrec_jax import score as score_lib
 from crossrec_jax.data import pipeline
 from crossrec_jax.models import CrossDomainRecommender, DomainSpec, hf, testing
 
@@ -155,6 +156,19 @@ def build_run(config, workdir, devices=None) -> tuple[Run, Any]:
       user_buckets=m.user_buckets, item_buckets=m.item_buckets, seed=config.seed)
   catalog = pipeline.Catalog(sources["items"], [d.name for d in domains], tokenizer, pipe_config)
 
+  train_src = sources["train"]
+  train_users, counts = set(), np.zeros(len(catalog), np.float64)
+  for i in range(len(train_src)):
+    record = train_src[i]
+    train_users.add(data_lib.builder.decode_text(record["user_key"]))
+    counts[catalog.row[(data_lib.builder.decode_text(record["domain"]),
+                        data_lib.builder.decode_text(record["item_id"]))]] += 1
+  catalog.set_train_counts(counts)
+  if jax.process_index() == 0 and not (workdir / score_lib.KNOWN_IDS_FILE).exists():
+    known_items = [f"{catalog.domains[d]}/{i}" for d, i, c in
+                   zip(catalog.domain, catalog.item_ids, counts) if c > 0]
+    score_lib.write_known_ids(workdir, sorted(train_users), known_items)
+
   tx = optim.create_optimizer(config, params)
   abstract_state = jax.eval_shape(lambda p: steps.TrainState(
       jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0)), params)
@@ -234,7 +248,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
       print(f"\n[step {step}] {split} metrics (ours vs baseline):\n{eval_lib.format_table(results)}")
     return results
 
-  start = int(jax.device_get(state.step))
+  start = int(sharding.to_host(state.step))
   best, evals_since_best, last_results = None, 0, {}
   progress = _progress(start, config.train_steps, is_main)
   t0, examples = time.time(), 0
@@ -250,7 +264,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
       at_eval = config.eval_every and step % config.eval_every == 0 and step < config.train_steps
       if step % config.log_every == 0 or at_checkpoint or at_eval or step == config.train_steps \
           or preemption.requested:
-        metrics = jax.device_get(metrics)
+        metrics = {k: float(sharding.to_host(v)) for k, v in metrics.items()}
         if not np.isfinite(metrics["loss"]):
           raise NonFiniteLossError(
               f"loss is {metrics['loss']} at step {step}; stopping without checkpointing it. "
@@ -263,10 +277,20 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
           writer.add_scalar("train/learning_rate", float(schedule(step - 1)), step)
           writer.add_scalar("train/examples_per_second", rate, step)
         progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", ex_s=f"{rate:.1f}")
+        if is_main:
+          with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "split": "train", "metrics": metrics,
+                                "learning_rate": float(schedule(step - 1)),
+                                "examples_per_second": rate}) + "\n")
       if preemption.requested:
         save(step)
         checkpointer.wait()
         print(f"\nSIGTERM received: saved step {step} to {checkpointer.directory}; exiting.")
+        break
+      if config.steps_per_run and step - start >= config.steps_per_run and step < config.train_steps:
+        save(step)
+        print(f"\nRan steps_per_run={config.steps_per_run} steps: saved step {step}; run the same "
+              "command again to continue.")
         break
       eval_metrics = None
       if at_eval:

@@ -47,6 +47,8 @@ class SourceConfig:
   def fingerprint(self) -> str:
     """Changes with the options and with the input files' size / mtime."""
     stamp = dataclasses.asdict(self)
+    if self.source == "synthetic":
+      stamp["generator_version"] = synthetic.GENERATOR_VERSION
     if self.path:
       root = pathlib.Path(self.path)
       files = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else []

@@ -61,6 +61,16 @@ class Catalog:
         [stable_bucket(f"{self.domains[d]}/{i}", config.item_buckets) if config.item_buckets and t
          else -1 for d, i, t in zip(self.domain, self.item_ids, in_train)], np.int32)
     self.rows_of_domain = [np.flatnonzero(self.domain == d) for d in range(len(self.domains))]
+    # log of each item's share of its domain's training interactions: the in-batch softmax
+    # subtracts it (sampling-bias correction) because batch negatives follow popularity.
+    self.log_q = np.zeros(len(self.item_ids), np.float32)
+
+  def set_train_counts(self, counts: np.ndarray) -> None:
+    share = np.zeros(len(self.item_ids), np.float64)
+    for rows in self.rows_of_domain:
+      c = counts[rows] + 1.0  # add-one: unseen items are not -inf
+      share[rows] = c / c.sum()
+    self.log_q = np.log(share).astype(np.float32)
 
   def __len__(self):
     return len(self.item_ids)
@@ -121,10 +131,12 @@ def _decode(record) -> dict[str, Any]:
 class Featurize(grain.transforms.Map):
   """A list of decoded records -> one fixed-shape numpy batch."""
 
-  def __init__(self, catalog: Catalog, tokenizer, config: PipelineConfig):
-    self.catalog, self.tokenizer, self.config = catalog, tokenizer, config
+  def __init__(self, catalog: Catalog, tokenizer, config: PipelineConfig, part=None):
+    self.catalog, self.tokenizer, self.config, self.part = catalog, tokenizer, config, part
 
   def map(self, records):
+    if self.part is not None:
+      records = records[self.part[0]:self.part[1]]
     return featurize(records, self.catalog, self.tokenizer, self.config)
 
 
@@ -143,26 +155,31 @@ def featurize(records: Sequence[dict[str, Any]], catalog: Catalog, tokenizer,
       "label": np.array([r["label"] for r in records], np.float32),
       "cold": np.array([bool(r["cold"]) for r in records], np.int32),
       "item_row": rows.astype(np.int32),
+      "item_log_q": catalog.log_q[rows],
       "weight": np.ones(len(records), np.float32) if weight is None else weight,
   }
 
 
 def train_loader(train_source, catalog: Catalog, tokenizer, config: PipelineConfig,
                  implicit_domains: Sequence[int]) -> grain.DataLoader:
-  """Infinite, shuffled, per-process-sharded loader; its iterator's state is checkpointable."""
+  """Infinite, shuffled loader of this process's part of each global batch.
+
+  Every process walks the same global sample order and keeps its contiguous slice of each
+  global batch (records are cheap to read; only the slice is tokenized). So the global batch
+  does not depend on the number of hosts: a 2-host run sees exactly the batches of a 1-host
+  run. The iterator's state is checkpointable (``get_state`` / ``set_state``).
+  """
   source = TrainSource(train_source, catalog, implicit_domains, config.num_negatives, config.seed)
-  per_process = config.batch_size // jax.process_count()
-  if per_process * jax.process_count() != config.batch_size:
-    raise ValueError(f"batch_size {config.batch_size} must divide by the process count "
-                     f"{jax.process_count()}")
-  shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=True,
-                                        num_epochs=None, seed=config.seed)
+  count, index = jax.process_count(), jax.process_index()
+  per_process = config.batch_size // count
+  if per_process * count != config.batch_size:
+    raise ValueError(f"batch_size {config.batch_size} must divide by the process count {count}")
+  sampler = grain.samplers.IndexSampler(len(source), shuffle=True, num_epochs=None, seed=config.seed)
   return grain.DataLoader(
       data_source=source, sampler=sampler, worker_count=0,
-      # Records hold strings: batch them into lists, then tokenize the whole batch at once.
-      operations=[grain.transforms.Batch(per_process, drop_remainder=True, batch_fn=list),
-                  Featurize(catalog, tokenizer, config)])
+      # Records hold strings: batch them into lists, then tokenize this process's slice at once.
+      operations=[grain.transforms.Batch(config.batch_size, drop_remainder=True, batch_fn=list),
+                  Featurize(catalog, tokenizer, config, part=(index * per_process, (index + 1) * per_process))])
 
 
 def eval_batches(source, catalog: Catalog, tokenizer, config: PipelineConfig, *,

@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import math
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -145,6 +145,30 @@ def _item_line(x: Interaction, items, task: str, config: ProcessingConfig) -> st
   return config.item_template.format(domain=x.domain, text=text, rating=rating)
 
 
+def select_profile(entries: Iterable[tuple[str, str]], config: ProcessingConfig) -> str:
+  """Joins (domain, line) entries, newest first, within the per-domain and total caps."""
+  chosen, per_domain, words = [], collections.Counter(), 0
+  for domain, line in entries:
+    if len(chosen) >= config.max_profile_items or words >= config.max_profile_words:
+      break
+    n_words = len(line.split())
+    if per_domain[domain] >= config.max_items_per_domain or words + n_words > config.max_profile_words:
+      continue
+    chosen.append(line)
+    per_domain[domain] += 1
+    words += n_words
+  return config.separator.join(chosen)
+
+
+def user_profile(history: Sequence[Interaction], items: dict[tuple[str, str], Item],
+                 tasks: dict[str, str], config: ProcessingConfig, before: float | None = None) -> str:
+  """A user's profile text from their interactions (any order), as in training: newest first,
+  only interactions strictly before ``before`` when given."""
+  ordered = sorted((x for x in history if before is None or x.order < before), key=lambda x: x.order)
+  return select_profile(((x.domain, _item_line(x, items, tasks[x.domain], config))
+                         for x in reversed(ordered)), config)
+
+
 def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, str], Item],
                    config: ProcessingConfig) -> dict[str, Any]:
   """Returns dict(examples={split: [record]}, items=[record], domains=[spec], counts=...)."""
@@ -177,27 +201,16 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
       # Strictly earlier context only: never the target itself, nothing at or after its time.
       end = bisect.bisect_left(context_order, x.order)
       in_domain = bisect.bisect_left(domain_orders[x.domain], x.order)
+      profile = select_profile(((interactions[context[j]].domain, lines[j])
+                                for j in range(end - 1, -1, -1)), config)  # newest first
       # Ranking evaluation excludes the user's earlier items of the target domain.
-      need_history = task[x.domain] == "implicit"
-      chosen, per_domain, words, history = [], collections.Counter(), 0, []
-      for j in range(end - 1, -1, -1):  # newest first
-        prior = interactions[context[j]]
-        if need_history and prior.domain == x.domain:
-          history.append(prior.item_id)
-        full = len(chosen) >= config.max_profile_items or words >= config.max_profile_words
-        if full and not need_history:
-          break
-        n_words = len(lines[j].split())
-        if (full or per_domain[prior.domain] >= config.max_items_per_domain
-            or words + n_words > config.max_profile_words):
-          continue
-        chosen.append(lines[j])
-        per_domain[prior.domain] += 1
-        words += n_words
+      history = [] if task[x.domain] != "implicit" else [
+          interactions[context[j]].item_id for j in range(end - 1, -1, -1)
+          if interactions[context[j]].domain == x.domain]
       record = {
           "user_key": user, "domain": x.domain, "domain_index": index[x.domain],
           "item_id": x.item_id, "item_text": items[(x.domain, x.item_id)].text,
-          "label": x.label, "profile": config.separator.join(chosen), "order": x.order,
+          "label": x.label, "profile": profile, "order": x.order,
           "cold": in_domain < config.cold_threshold, "history_items": history,
           "user_in_train": user in train_users,
           "item_in_train": (x.domain, x.item_id) in train_items,

@@ -28,6 +28,9 @@ GENRES = {
     "horror": (["haunted", "blood", "ghost", "night", "dead", "curse"],
                ["house", "asylum", "forest", "ritual", "whispers"]),
 }
+# Bumped whenever the generator's output changes, so cached prepared data sets are rebuilt.
+GENERATOR_VERSION = 3
+
 DOMAINS = {  # name -> (task, noun shown in the text)
     "books": ("rating", "novel"),
     "movies": ("rating", "film"),

@@ -1,0 +1,167 @@
+"""Batch inference from a training checkpoint: consistency with training, 1 vs 8 devices,
+blocked top-K, streaming outputs, bad inputs."""
+
+import csv
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from crossrec_jax import checkpoint as ckpt_lib
+from crossrec_jax import evaluate as eval_lib
+from crossrec_jax import score, train
+from crossrec_jax.data import SyntheticConfig, synthetic
+
+from test_train import load_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  config = load_config(**{"data.data_dir": str(tmp_path_factory.mktemp("tfds"))})
+  train.train_and_evaluate(config, workdir)
+  return workdir, config
+
+
+@pytest.fixture(scope="module")
+def files(trained, tmp_path_factory):
+  """Histories, items and pairs files in the bring-your-own layout, from the same generator."""
+  _, config = trained
+  d = tmp_path_factory.mktemp("inputs")
+  interactions, items = synthetic.generate(SyntheticConfig(
+      num_users=config.data.synthetic_users, items_per_domain=config.data.items_per_domain,
+      seed=config.seed))
+  with open(d / "items.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["item_id", "domain", "title"])
+    for (dom, i), it in sorted(items.items()):
+      w.writerow([i, dom, it.text])
+  with open(d / "users.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["user_id", "domain", "item_id", "label", "position"])
+    for x in interactions[:300]:
+      w.writerow([x.user_id, x.domain, x.item_id, x.label, x.order])
+  users = sorted({x.user_id for x in interactions[:300]})
+  with open(d / "pairs.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["user_id", "item_id", "domain"])
+    for n, u in enumerate(users):
+      for dom, i in list(sorted(items))[n % 5::17][:4]:
+        w.writerow([u, i, dom])
+  return d
+
+
+def test_bulk_scores_equal_training_eval_scores(trained):
+  workdir, config = trained
+  scorer = score.Scorer.from_checkpoint(workdir)
+  run, _ = train.build_run(config, workdir)
+  evaluator = eval_lib.Evaluator(run.graphdef, run.mesh, run.catalog, run.tokenizer,
+                                 run.pipe_config, run.model_config)
+  preds, records = evaluator.predictions(scorer.params, run.sources["test"])
+  users = scorer.encode("user", [r["profile"] for r in records], [r["user_key"] for r in records])
+  rows = preds["item_row"]
+  items = scorer.encode("item", [run.catalog.texts[r] for r in rows],
+                        [f"{run.catalog.domains[run.catalog.domain[r]]}/{run.catalog.item_ids[r]}" for r in rows])
+  out = scorer.score_pairs(users, items, np.array([r["domain_index"] for r in records]))
+  # Tolerance: same weights and inputs; only the padding length differs (masked positions).
+  np.testing.assert_allclose(out["rating"], preds["rating"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["probability"], 1 / (1 + np.exp(-preds["logit"])), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(users, preds["user"], rtol=1e-4, atol=1e-5)
+
+
+def test_top_k_matches_brute_force_with_exclusions(trained):
+  scorer = score.Scorer.from_checkpoint(trained[0])
+  rng = np.random.default_rng(0)
+  users = rng.normal(size=(13, scorer.model_config.dim)).astype(np.float32)
+  items = rng.normal(size=(50, scorer.model_config.dim)).astype(np.float32)
+  exclude = [list(rng.choice(50, size=n, replace=False)) for n in rng.integers(0, 6, 13)]
+  top, scores = scorer.top_k(users, items, domain=2, k=7, exclude=exclude, item_block=16)
+  full = (np.asarray(scorer._project_users(scorer.params, users))[:, 2]
+          @ np.asarray(scorer._project_items(scorer.params, items))[:, 2].T)
+  for u in range(13):
+    full[u, exclude[u]] = -np.inf
+    expected = np.argsort(-full[u], kind="stable")[:7]
+    np.testing.assert_allclose(scores[u], full[u, expected], rtol=1e-5, atol=1e-5)
+    assert set(top[u]) == set(expected)
+    assert not set(top[u]) & set(exclude[u])
+
+
+def test_one_and_eight_devices_give_identical_results(trained):
+  one = score.Scorer.from_checkpoint(trained[0], devices=jax.devices()[:1], batch_size=16)
+  eight = score.Scorer.from_checkpoint(trained[0], batch_size=16)
+  assert eight.mesh.devices.size == 8
+  texts = [f"books: the {w} manor. genre: mystery novel (rated {i % 5 + 1})" for i, w in
+           enumerate(["dark", "silent", "blue", "red", "haunted", "love"] * 5)]
+  a, b = one.encode("user", texts), eight.encode("user", texts)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  ta, sa = one.top_k(a, a, 1, 5)
+  tb, sb = eight.top_k(a, a, 1, 5)
+  np.testing.assert_array_equal(ta, tb)
+  np.testing.assert_allclose(sa, sb, rtol=1e-6)
+
+
+def _cli(workdir, files, output, *flags):
+  return subprocess.run([sys.executable, "-m", "crossrec_jax.score", f"--checkpoint={workdir}",
+                         f"--users={files / 'users.csv'}", f"--items={files / 'items.csv'}",
+                         f"--output={output}", *flags], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_pairs_and_top_k(trained, files, tmp_path):
+  workdir, _ = trained
+  out = _cli(workdir, files, tmp_path / "pairs.parquet", f"--pairs={files / 'pairs.csv'}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  table = pq.read_table(tmp_path / "pairs.parquet")
+  n_pairs = sum(1 for _ in open(files / "pairs.csv")) - 1
+  assert table.num_rows == n_pairs
+  assert table.column_names == ["user_id", "item_id", "domain", "task", "score", "retrieval_score"]
+  rows = table.to_pylist()
+  assert all(1 <= r["score"] <= 5 for r in rows if r["task"] == "rating")
+  assert all(0 <= r["score"] <= 1 for r in rows if r["task"] == "implicit")
+  out = _cli(workdir, files, tmp_path / "top.csv", "--top_k=3", "--domains=music,books")
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(tmp_path / "top.csv") as f:
+    top = list(csv.DictReader(f))
+  assert {r["domain"] for r in top} == {"music", "books"}
+  assert {r["rank"] for r in top} == {"1", "2", "3"}
+  assert json.loads(out.stdout.strip().splitlines()[-1])["rows"] == len(top)
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("unknown_item", r"pairs\.csv:line 2: field item_id 'zz999' of domain 'books' is not in the items file"),
+    ("unknown_domain", r"pairs\.csv:line 2: field domain 'games' is not a domain of this model"),
+    ("no_history", r"user 'nobody' has no history in the users file"),
+    ("missing_column", r"pairs\.csv: missing column\(s\) \['domain'\]"),
+    ("empty_file", r"pairs\.csv: file is empty"),
+])
+def test_bad_inputs_fail_clearly_and_leave_no_output(trained, files, tmp_path, case, pattern):
+  pairs = tmp_path / "pairs.csv"
+  pairs.write_text({"unknown_item": "user_id,item_id,domain\nuser00000,zz999,books\n",
+                    "unknown_domain": "user_id,item_id,domain\nuser00000,bo0001,games\n",
+                    "no_history": "user_id,item_id,domain\nnobody,bo0001,books\n",
+                    "missing_column": "user_id,item_id\nuser00000,bo0001\n",
+                    "empty_file": ""}[case])
+  output = tmp_path / "out.parquet"
+  with pytest.raises(Exception, match=pattern):
+    score.run_scoring(trained[0], files / "users.csv", files / "items.csv", output, pairs=pairs)
+  assert not output.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_checkpoint_from_another_model_is_refused(trained, tmp_path):
+  import shutil
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained[0], workdir)
+  for meta_file in (workdir / "checkpoints").glob("*/meta/metadata"):
+    meta = json.loads(meta_file.read_text())
+    meta["model"]["dim"] = 48
+    meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ckpt_lib.CheckpointIncompatibleError, match=r"does not match this model"):
+    score.Scorer.from_checkpoint(workdir)
+  with pytest.raises(score.ScoringError, match=r"not a training workdir"):
+    score.Scorer.from_checkpoint(tmp_path)

@@ -25,14 +25,11 @@ from flax import nnx
 from crossrec_jax import sharding
 from crossrec_jax.data import synthetic
 from crossrec_jax.data.processing import ProcessingConfig, user_profile
+from crossrec_jax.models import testing
 from crossrec_jax.models import BertConfig, CrossDomainRecommender, DomainSpec, RecommenderConfig, hf
 from crossrec_jax.score import Scorer
 
-BERTS = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
-    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-}
+BERTS = testing.BERT_SIZES
 
 
 def _texts(num_users, num_items, seed=0):

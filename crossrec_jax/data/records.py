@@ -159,6 +159,17 @@ def _require_columns(path, names, required):
                     f"{list(required)}")
 
 
+def _malformed(row, place, names, policy) -> bool:
+  """Rows the reader could not split into fields (bad JSON, too many CSV fields)."""
+  if "__error__" in row:
+    policy.bad("malformed_row", f"{place}: {row['__error__']}")
+    return True
+  if "__extra__" in row:
+    policy.bad("malformed_row", f"{place}: more fields than the header's {len(names)}")
+    return True
+  return False
+
+
 def _text(value) -> str:
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return ""
@@ -174,11 +185,7 @@ def read_items(path: pathlib.Path, *, bad_rows: str = "fail",
   text_columns = [n for n in names if n not in ITEM_COLUMNS]
   items: dict[tuple[str, str], Item] = {}
   for place, row in rows:
-    if "__error__" in row:
-      policy.bad("malformed_row", f"{place}: {row['__error__']}")
-      continue
-    if "__extra__" in row:
-      policy.bad("malformed_row", f"{place}: more fields than the header's {len(names)}")
+    if _malformed(row, place, names, policy):
       continue
     item_id, domain = _text(row.get("item_id")), _text(row.get("domain"))
     if not item_id or not domain:
@@ -207,11 +214,7 @@ def read_interactions(path: pathlib.Path, *, bad_rows: str = "fail",
   order_column = next((c for c in ("timestamp", "position") if c in names), None)
   out: list[Interaction] = []
   for n, (place, row) in enumerate(rows):
-    if "__error__" in row:
-      policy.bad("malformed_row", f"{place}: {row['__error__']}")
-      continue
-    if "__extra__" in row:
-      policy.bad("malformed_row", f"{place}: more fields than the header's {len(names)}")
+    if _malformed(row, place, names, policy):
       continue
     ids = {c: _text(row.get(c)) for c in ("user_id", "domain", "item_id")}
     empty = [c for c, v in ids.items() if not v]

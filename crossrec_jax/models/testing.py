@@ -18,6 +18,12 @@ from flax import nnx
 from crossrec_jax.models import hf
 from crossrec_jax.models.bert import BertConfig, BertEncoder
 
+# Encoder shapes used by tests and benchmarks (random weights where no checkpoint is at hand).
+BERT_SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _BASE_WORDS = """the a of and in to with for on by is at from his her their new old love story
 life world war night day man woman girl boy city house time dark light blue red black white

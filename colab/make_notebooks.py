@@ -121,7 +121,7 @@ BATCH = [
                       "every distinct user and item once, and write Parquet: scores for given "
                       "pairs, and the top-K items per user and domain."),
     new_code_cell(SETUP.replace("crossrec_quickstart", "crossrec_batch")),
-    new_code_cell('''import csv, json, pathlib
+    new_code_cell('''import json, pathlib
 CHECKPOINT = os.environ.get("CROSSREC_NOTEBOOK_CHECKPOINT", "")
 if not CHECKPOINT:  # no trained run given: train a small one first
     import importlib.util
@@ -139,23 +139,15 @@ print("checkpoint:", CHECKPOINT)'''),
     new_markdown_cell("## Inputs\nUser histories and items in the bring-your-own layout (here "
                       "written from the synthetic generator; use your own files)."),
     new_code_cell('''from crossrec_jax.data import synthetic
-interactions, items = synthetic.generate(synthetic.SyntheticConfig(num_users=40, items_per_domain=24))
-inputs = pathlib.Path(WORKDIR) / "inputs"; inputs.mkdir(parents=True, exist_ok=True)
-with open(inputs / "items.csv", "w", newline="") as f:
-    w = csv.writer(f); w.writerow(["item_id", "domain", "title"])
-    w.writerows([i, d, it.text] for (d, i), it in sorted(items.items()))
-with open(inputs / "users.csv", "w", newline="") as f:
-    w = csv.writer(f); w.writerow(["user_id", "domain", "item_id", "label", "position"])
-    w.writerows([x.user_id, x.domain, x.item_id, x.label, x.order] for x in interactions)
-with open(inputs / "pairs.csv", "w", newline="") as f:
-    w = csv.writer(f); w.writerow(["user_id", "item_id", "domain"])
-    w.writerows([x.user_id, x.item_id, x.domain] for x in interactions[::7])'''),
+inputs = synthetic.export(pathlib.Path(WORKDIR) / "inputs",
+                          synthetic.SyntheticConfig(num_users=40, items_per_domain=24))
+print(sorted(p.name for p in inputs.iterdir()))'''),
     new_code_cell('''from crossrec_jax.score import run_scoring
 import pyarrow.parquet as pq
-out = run_scoring(CHECKPOINT, inputs / "users.csv", inputs / "items.csv", inputs / "top5.parquet", top_k=5)
+out = run_scoring(CHECKPOINT, inputs / "interactions.csv", inputs / "items.csv", inputs / "top5.parquet", top_k=5)
 print(out)
 print(pq.read_table(inputs / "top5.parquet").slice(0, 8).to_pylist())
-out = run_scoring(CHECKPOINT, inputs / "users.csv", inputs / "items.csv", inputs / "pairs.parquet",
+out = run_scoring(CHECKPOINT, inputs / "interactions.csv", inputs / "items.csv", inputs / "pairs.parquet",
                   pairs=inputs / "pairs.csv")
 print(out)
 print(pq.read_table(inputs / "pairs.parquet").slice(0, 5).to_pylist())'''),

@@ -29,6 +29,9 @@ def get_config():
   config.data.eval_limit = 600
   config.best_metric = "music/ndcg@10"
   config.adversarial.method = "fgm"
-  config.adversarial.eps = 0.1      # MiniLM token embeddings have norm ~1: keep r small
-  config.adversarial.weight = 0.3
+  # MiniLM token embeddings have norm ~1. Measured on this data at step 75: eps 0.02 / weight
+  # 0.2 trains as well as no regularizer (music NDCG@10 0.129 vs 0.133); eps 0.1 / weight 0.3
+  # halved it (0.056): the perturbation must stay small next to the embeddings.
+  config.adversarial.eps = 0.02
+  config.adversarial.weight = 0.2
   return config

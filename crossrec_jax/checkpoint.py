@@ -12,6 +12,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from crossrec_jax import sharding
+
 log = logging.getLogger(__name__)
 
 
@@ -32,8 +34,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(preserve),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data_iter", "meta"))
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "data_iter": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state, data_iter_state: bytes | None, meta: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:
@@ -73,6 +76,22 @@ class Checkpointer:
       if expected_meta is not None:
         _check_compatible(self.directory / str(step), meta, expected_meta)
       try:
+        saved_shapes = _shapes(self.manager.item_metadata(step)["state"])
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(f"step {step}: {type(e).__name__}: {e}")
+        log.warning("checkpoint %s/%d has unreadable metadata (%s); trying the previous one",
+                    self.directory, step, e)
+        continue
+      # Compare shapes before reading any array: a mismatch is a different model, not corruption.
+      wanted = _shapes(abstract_state)
+      diff = [f"{k}: saved {saved_shapes.get(k)} vs expected {v}" for k, v in wanted.items()
+              if saved_shapes.get(k) != v]
+      if diff:
+        raise CheckpointIncompatibleError(
+            f"{self.directory / str(step)}: the saved train state does not match this model "
+            f"({len(diff)} arrays differ, e.g. {'; '.join(diff[:3])}). Use a new --workdir for a "
+            "different model, or restore the matching config.")
+      try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data_iter=ocp.args.JsonRestore()))
       except (ValueError, KeyError) as e:
@@ -110,6 +129,12 @@ def _check_compatible(path, meta, expected):
       raise CheckpointIncompatibleError(
           f"{path}: checkpoint was written for another model (differs in {diff}). Use a new "
           "--workdir, or pass the config the checkpoint was trained with.")
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """'a/b/0/c' -> shape for every array of a train state or of its Orbax metadata."""
+  return {"/".join(str(sharding.key_name(e)) for e in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(leaf, "shape")}
 
 
 def abstract_like(tree, shardings):

@@ -46,7 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.adversarial = ml_collections.ConfigDict(dict(
       method="fgm",        # none | fgm | pgd | smart
-      eps=1.0, weight=0.5, step_size=0.5, steps=2, noise=1e-3))
+      # L2 radius per example over (tokens, hidden); BERT token embeddings have norm ~1.
+      eps=0.02, weight=0.2, step_size=0.01, steps=2, noise=1e-3))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = tuple(DEFAULT_RULES)

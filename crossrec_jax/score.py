@@ -8,6 +8,7 @@ python -m crossrec_jax.score --checkpoint runs/demo --users histories.csv --item
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import pathlib
@@ -79,9 +80,9 @@ class Scorer:
               "retrieval": out["retrieval"]}
     self._head = jax.jit(head, in_shardings=(rep, data, data, data), out_shardings=rep)
     # Users are split over the devices; the item block is replicated to every device.
-    self._topk_block = jax.jit(_topk_block, static_argnames=("k",),
-                               in_shardings=(data, rep, rep, data, rep, data, data),
-                               out_shardings=(data, data))
+    self._topk_block = functools.lru_cache(maxsize=None)(lambda k: jax.jit(
+        functools.partial(_topk_block, k=k), in_shardings=(data, rep, rep, data, rep, data, data),
+        out_shardings=(data, data)))
 
   # -- construction -----------------------------------------------------------------------------
   @classmethod
@@ -213,8 +214,8 @@ class Scorer:
       valid[:len(part)] = True
       if len(part) < block:
         part = np.concatenate([part, np.zeros((block - len(part), part.shape[1]), part.dtype)])
-      s, i = self._topk_block(user_proj, part, valid, excl, np.int32(start), best_scores,
-                              best_index, k=k)
+      s, i = self._topk_block(k)(user_proj, part, valid, excl, np.int32(start), best_scores,
+                                 best_index)
       best_scores, best_index = s, i   # stay on device between blocks
     return sharding.to_host(best_index)[:n_users], sharding.to_host(best_scores)[:n_users]
 

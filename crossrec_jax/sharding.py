@@ -119,3 +119,11 @@ def to_host(x) -> np.ndarray:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def key_name(entry) -> str | int:
+  """The plain key of a pytree path entry (dict key, attribute name or sequence index)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return str(entry)

@@ -118,12 +118,12 @@ def state_shardings(abstract_state: TrainState, logical_params, tx, rules, mesh)
   """Params by their logical axes; optimizer moments like their params; the rest replicated."""
   del tx  # moments are matched to parameters by key path, whatever the optax nesting
   param_sh = sharding.tree_shardings(abstract_state.params, logical_params, rules, mesh)
-  by_path = {tuple(_key(k) for k in path): (leaf.shape, sh) for (path, leaf), sh in zip(
+  by_path = {tuple(sharding.key_name(k) for k in path): (leaf.shape, sh) for (path, leaf), sh in zip(
       jax.tree_util.tree_flatten_with_path(abstract_state.params)[0], jax.tree.leaves(param_sh))}
   rep = sharding.replicated(mesh)
 
   def like_param(path, leaf):
-    keys = tuple(_key(k) for k in path)
+    keys = tuple(sharding.key_name(k) for k in path)
     for start in range(len(keys)):  # an optimizer moment's path ends with its parameter's path
       match = by_path.get(keys[start:])
       if match is not None and match[0] == leaf.shape:
@@ -132,13 +132,6 @@ def state_shardings(abstract_state: TrainState, logical_params, tx, rules, mesh)
 
   opt_sh = jax.tree_util.tree_map_with_path(like_param, abstract_state.opt_state)
   return TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
-
-
-def _key(entry):
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return getattr(entry, attr)
-  return str(entry)
 
 
 def jit_train_step(step_fn, shardings_: TrainState, mesh):

@@ -32,30 +32,11 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def files(trained, tmp_path_factory):
-  """Histories, items and pairs files in the bring-your-own layout, from the same generator."""
+  """Histories, items and pairs in the bring-your-own layout, from the training data's generator."""
   _, config = trained
-  d = tmp_path_factory.mktemp("inputs")
-  interactions, items = synthetic.generate(SyntheticConfig(
+  return synthetic.export(tmp_path_factory.mktemp("inputs"), SyntheticConfig(
       num_users=config.data.synthetic_users, items_per_domain=config.data.items_per_domain,
       seed=config.seed))
-  with open(d / "items.csv", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["item_id", "domain", "title"])
-    for (dom, i), it in sorted(items.items()):
-      w.writerow([i, dom, it.text])
-  with open(d / "users.csv", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["user_id", "domain", "item_id", "label", "position"])
-    for x in interactions[:300]:
-      w.writerow([x.user_id, x.domain, x.item_id, x.label, x.order])
-  users = sorted({x.user_id for x in interactions[:300]})
-  with open(d / "pairs.csv", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["user_id", "item_id", "domain"])
-    for n, u in enumerate(users):
-      for dom, i in list(sorted(items))[n % 5::17][:4]:
-        w.writerow([u, i, dom])
-  return d
 
 
 def test_bulk_scores_equal_training_eval_scores(trained):
@@ -109,7 +90,7 @@ def test_one_and_eight_devices_give_identical_results(trained):
 
 def _cli(workdir, files, output, *flags):
   return subprocess.run([sys.executable, "-m", "crossrec_jax.score", f"--checkpoint={workdir}",
-                         f"--users={files / 'users.csv'}", f"--items={files / 'items.csv'}",
+                         f"--users={files / 'interactions.csv'}", f"--items={files / 'items.csv'}",
                          f"--output={output}", *flags], capture_output=True, text=True, timeout=600)
 
 
@@ -149,7 +130,7 @@ def test_bad_inputs_fail_clearly_and_leave_no_output(trained, files, tmp_path, c
                     "empty_file": ""}[case])
   output = tmp_path / "out.parquet"
   with pytest.raises(Exception, match=pattern):
-    score.run_scoring(trained[0], files / "users.csv", files / "items.csv", output, pairs=pairs)
+    score.run_scoring(trained[0], files / "interactions.csv", files / "items.csv", output, pairs=pairs)
   assert not output.exists() and not list(tmp_path.glob("*.partial"))
 
 

@@ -112,3 +112,44 @@ def generate(config: SyntheticConfig = SyntheticConfig()):
       interactions.append(Interaction(f"user{u:05d}", domain, item_id, label, float(position),
                                       None, f"synthetic:user{u:05d}:{position}"))
   return interactions, items
+
+
+def export(output_dir, config: SyntheticConfig = SyntheticConfig(), pairs_per_user: int = 3):
+  """Writes the data set in the bring-your-own layout (interactions.csv, items.csv) plus a
+  pairs.csv sample, e.g. as inputs for ``python -m crossrec_jax.score``."""
+  import csv  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  out = pathlib.Path(output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  interactions, items = generate(config)
+  with open(out / "items.csv", "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(["item_id", "domain", "title"])
+    w.writerows([i, d, it.text] for (d, i), it in sorted(items.items()))
+  with open(out / "interactions.csv", "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(["user_id", "domain", "item_id", "label", "position"])
+    w.writerows([x.user_id, x.domain, x.item_id, f"{x.label:g}", int(x.order)] for x in interactions)
+  rng = np.random.default_rng(config.seed + 1)
+  keys = sorted(items)
+  users = sorted({x.user_id for x in interactions})
+  with open(out / "pairs.csv", "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(["user_id", "item_id", "domain"])
+    for u in users:
+      for k in rng.choice(len(keys), pairs_per_user, replace=False):
+        w.writerow([u, keys[k][1], keys[k][0]])
+  return out
+
+
+if __name__ == "__main__":
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(description="Export the synthetic data set as CSV files.")
+  parser.add_argument("--output_dir", required=True)
+  parser.add_argument("--num_users", type=int, default=SyntheticConfig.num_users)
+  parser.add_argument("--items_per_domain", type=int, default=SyntheticConfig.items_per_domain)
+  parser.add_argument("--seed", type=int, default=0)
+  a = parser.parse_args()
+  path = export(a.output_dir, SyntheticConfig(num_users=a.num_users,
+                                              items_per_domain=a.items_per_domain, seed=a.seed))
+  print(f"wrote {path}/interactions.csv, items.csv, pairs.csv")

@@ -155,3 +155,41 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
                    f"  {ndcg.upper()} {m[ndcg]:.4f} (popularity {m.get('baseline_' + ndcg, float('nan')):.4f})"
                    f"  AUC {m['auc']:.4f} (popularity {m.get('baseline_auc', float('nan')):.4f})")
   return "\n".join(lines)
+
+
+def evaluate_workdir(workdir, split: str = "test", limit: int | None = None) -> dict[str, dict[str, float]]:
+  """Evaluates the latest checkpoint of a training workdir on ``split`` (with baselines)."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from crossrec_jax import checkpoint as ckpt_lib, train  # pylint: disable=import-outside-toplevel
+  workdir = pathlib.Path(workdir)
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
+  try:
+    steps_ = checkpointer.all_steps()
+    if not steps_:
+      raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint to evaluate")
+    config = ml_collections.ConfigDict(checkpointer.read_meta(steps_[-1])["config"])
+    run, _ = train.build_run(config, workdir)
+    if split not in run.sources:
+      raise KeyError(f"split {split!r} not in the data set (has {sorted(run.sources)})")
+    step, state, _, _ = checkpointer.restore(
+        ckpt_lib.abstract_like(run.abstract_state, run.state_shardings), expected_meta=run.meta)
+  finally:
+    checkpointer.close()
+  evaluator = Evaluator(run.graphdef, run.mesh, run.catalog, run.tokenizer, run.pipe_config,
+                        run.model_config)
+  baselines = Baselines(run.sources["train"], run.catalog, run.model_config.domain_names)
+  results = evaluator.evaluate(state.params, run.sources[split], limit=limit, baselines=baselines)
+  print(f"[step {step}] {split} metrics (ours vs baseline):\n{format_table(results)}")
+  return results
+
+
+if __name__ == "__main__":
+  import argparse  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(description="Evaluate a training run's latest checkpoint.")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--split", default="test")
+  parser.add_argument("--limit", type=int, default=0)
+  args = parser.parse_args()
+  print(json.dumps(evaluate_workdir(args.workdir, args.split, args.limit or None)))

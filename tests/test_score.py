@@ -146,3 +146,11 @@ def test_checkpoint_from_another_model_is_refused(trained, tmp_path):
     score.Scorer.from_checkpoint(workdir)
   with pytest.raises(score.ScoringError, match=r"not a training workdir"):
     score.Scorer.from_checkpoint(tmp_path)
+
+
+def test_evaluate_workdir_reports_every_domain(trained, capsys):
+  from crossrec_jax.evaluate import evaluate_workdir
+  results = evaluate_workdir(trained[0], "test")
+  assert {"books", "movies", "music"} <= set(results)
+  assert "baseline_rmse" in results["books"] and "baseline_hr@10" in results["music"]
+  assert "test metrics (ours vs baseline)" in capsys.readouterr().out

@@ -17,7 +17,6 @@ import numpy as np
 from crossrec_jax import metrics as metrics_lib
 from crossrec_jax import sharding, steps
 from crossrec_jax.data import pipeline
-from crossrec_jax.data.builder import decode_text
 
 
 class Evaluator:
@@ -121,21 +120,13 @@ class Evaluator:
 class Baselines:
   """Item-mean ratings (explicit) and item popularity (implicit) from the train split."""
 
-  def __init__(self, train_source, catalog: pipeline.Catalog, domains: Sequence[str]):
-    sums, counts = np.zeros(len(catalog)), np.zeros(len(catalog))
-    domain_sum, domain_count = collections.Counter(), collections.Counter()
-    for i in range(len(train_source)):
-      r = train_source[i]
-      d, item = decode_text(r["domain"]), decode_text(r["item_id"])
-      row = catalog.row[(d, item)]
-      sums[row] += float(r["label"])
-      counts[row] += 1
-      domain_sum[d] += float(r["label"])
-      domain_count[d] += 1
+  def __init__(self, catalog: pipeline.Catalog, counts: np.ndarray, label_sums: np.ndarray):
+    """``counts`` / ``label_sums``: train interactions and their label sum per catalog row."""
     self.catalog = catalog
-    self.domain_mean = {d: domain_sum[d] / max(domain_count[d], 1) for d in domains}
-    self.mean = np.where(counts > 0, sums / np.maximum(counts, 1),
-                         [self.domain_mean.get(catalog.domains[d], 0.0) for d in catalog.domain])
+    domain_mean = np.zeros(len(catalog.domains))
+    for d, rows in enumerate(catalog.rows_of_domain):
+      domain_mean[d] = label_sums[rows].sum() / max(counts[rows].sum(), 1)
+    self.mean = np.where(counts > 0, label_sums / np.maximum(counts, 1), domain_mean[catalog.domain])
     self.popularity = counts
 
   def item_mean(self, records: Sequence[dict[str, Any]]) -> np.ndarray:
@@ -178,7 +169,7 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None) -> 
     checkpointer.close()
   evaluator = Evaluator(run.graphdef, run.mesh, run.catalog, run.tokenizer, run.pipe_config,
                         run.model_config)
-  baselines = Baselines(run.sources["train"], run.catalog, run.model_config.domain_names)
+  baselines = run.baselines
   results = evaluator.evaluate(state.params, run.sources[split], limit=limit, baselines=baselines)
   print(f"[step {step}] {split} metrics (ours vs baseline):\n{format_table(results)}")
   return results

@@ -382,17 +382,19 @@ def _score_top_k(scorer, by_user, item_table, item_keys, item_vecs, tasks, index
   users = sorted(by_user)
   if not users:
     raise ScoringError("the users file has no user")
+  # Each domain's catalog rows, once (not per user chunk).
+  catalogs = {}
+  for name in wanted:
+    rows = np.array([n for n, key in enumerate(item_keys) if key[0] == name])
+    if len(rows):
+      catalogs[name] = (rows, {item_keys[r][1]: j for j, r in enumerate(rows)})
   progress = _progress(len(users), "users")
   for start in range(0, len(users), chunk_users):
     chunk = users[start:start + chunk_users]
     vecs = scorer.encode("user", _profiles(chunk, by_user, item_table, tasks, pconfig),
                          [user_key(u) for u in chunk])
     columns = collections.defaultdict(list)
-    for name in wanted:
-      rows = np.array([n for n, key in enumerate(item_keys) if key[0] == name])
-      if not len(rows):
-        continue
-      local = {item_keys[r][1]: j for j, r in enumerate(rows)}
+    for name, (rows, local) in catalogs.items():
       exclude = [[local[x.item_id] for x in by_user[u] if x.domain == name and x.item_id in local]
                  for u in chunk]
       top, scores = scorer.top_k(vecs, item_vecs[rows], index[name], k, exclude)

@@ -123,6 +123,7 @@ class Run:
   state_shardings: Any
   abstract_state: Any
   meta: dict
+  baselines: Any
 
 
 def build_run(config, workdir, devices=None) -> tuple[Run, Any]:
@@ -156,13 +157,17 @@ def build_run(config, workdir, devices=None) -> tuple[Run, Any]:
       user_buckets=m.user_buckets, item_buckets=m.item_buckets, seed=config.seed)
   catalog = pipeline.Catalog(sources["items"], [d.name for d in domains], tokenizer, pipe_config)
 
+  # One pass over the train split: known IDs, item popularity (logQ) and the baselines.
   train_src = sources["train"]
   train_users, counts = set(), np.zeros(len(catalog), np.float64)
+  label_sums = np.zeros(len(catalog), np.float64)
   for i in range(len(train_src)):
     record = train_src[i]
     train_users.add(data_lib.builder.decode_text(record["user_key"]))
-    counts[catalog.row[(data_lib.builder.decode_text(record["domain"]),
-                        data_lib.builder.decode_text(record["item_id"]))]] += 1
+    row = catalog.row[(data_lib.builder.decode_text(record["domain"]),
+                       data_lib.builder.decode_text(record["item_id"]))]
+    counts[row] += 1
+    label_sums[row] += float(record["label"])
   catalog.set_train_counts(counts)
   if jax.process_index() == 0 and not (workdir / score_lib.KNOWN_IDS_FILE).exists():
     known_items = [f"{catalog.domains[d]}/{i}" for d, i, c in
@@ -178,7 +183,8 @@ def build_run(config, workdir, devices=None) -> tuple[Run, Any]:
       "tokenizer": "tokenizer", "bert_checkpoint": str(model_dir), "data": md,
   }, default=list))
   run = Run(config, workdir, mesh, graphdef, model.config, tokenizer, catalog, sources,
-            pipe_config, tx, shardings_, abstract_state, meta)
+            pipe_config, tx, shardings_, abstract_state, meta,
+            eval_lib.Baselines(catalog, counts, label_sums))
   return run, params
 
 
@@ -226,7 +232,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
                                     run.state_shardings, run.mesh)
   evaluator = eval_lib.Evaluator(run.graphdef, run.mesh, run.catalog, run.tokenizer,
                                  run.pipe_config, run.model_config)
-  baselines = eval_lib.Baselines(run.sources["train"], run.catalog, run.model_config.domain_names)
+  baselines = run.baselines
   eval_split = config.data.eval_split if config.data.eval_split in run.sources else config.data.test_split
   limit = config.data.eval_limit or None
   writer = _summary_writer(workdir) if is_main else None

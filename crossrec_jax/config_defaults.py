@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
       retrieval_dim=64, num_experts=0, dtype="float32"))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="synthetic", path="", data_dir="", bad_rows="fail",
+      source="synthetic", path="", data_dir="", bad_rows="fail", domains=(),
       split="auto", ratio=(0.8, 0.1, 0.1), link_secret="crossrec-default-secret",
       mapping_file="", max_profile_items=12, max_items_per_domain=8, max_profile_words=200,
       synthetic_users=400, items_per_domain=120,

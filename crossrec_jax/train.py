@@ -70,12 +70,18 @@ def _barrier(name):
     multihost_utils.sync_global_devices(name)
 
 
-def prepare_data(config):
+def processing_config(config) -> data_lib.ProcessingConfig:
   d = config.data
-  processing = data_lib.ProcessingConfig(
+  return data_lib.ProcessingConfig(
       link_secret=d.link_secret, mapping_file=d.mapping_file, split=d.split, ratio=tuple(d.ratio),
       seed=config.seed, max_profile_items=d.max_profile_items,
-      max_items_per_domain=d.max_items_per_domain, max_profile_words=d.max_profile_words)
+      max_items_per_domain=d.max_items_per_domain, max_profile_words=d.max_profile_words,
+      domains=tuple(d.domains))
+
+
+def prepare_data(config):
+  d = config.data
+  processing = processing_config(config)
   synthetic = data_lib.SyntheticConfig(num_users=d.synthetic_users,
                                        items_per_domain=d.items_per_domain, seed=config.seed)
   kwargs = dict(data_dir=d.data_dir or None, bad_rows=d.bad_rows, processing=processing,

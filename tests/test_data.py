@@ -10,6 +10,7 @@ from crossrec_jax.data import ProcessingConfig, SyntheticConfig, builder, metada
 from crossrec_jax.data.builder import SourceConfig, load_and_process, decode_text
 from crossrec_jax.data.movielens import read_movielens
 from crossrec_jax.data.processing import link_key
+from crossrec_jax.data.records import DataError
 from crossrec_jax.models import hf
 
 SMALL = SyntheticConfig(num_users=60, items_per_domain=30, seed=1)
@@ -126,6 +127,22 @@ def test_cold_users_get_profiles_from_other_domains():
   assert cold, "the synthetic generator plants cold users"
   for r in cold:
     assert r["profile"] and f"{r['domain']}:" not in r["profile"]
+
+
+def test_domain_filter_keeps_only_the_listed_domains():
+  full = load_and_process(SourceConfig("synthetic", synthetic=SMALL))
+  music = load_and_process(SourceConfig("synthetic", synthetic=SMALL,
+                                        processing=ProcessingConfig(domains=("music",))))
+  assert [d["name"] for d in music["domains"]] == ["music"]
+  assert {r["domain"] for r in music["items"]} == {"music"}
+  for split, records in music["examples"].items():
+    assert records and all(r["domain"] == "music" for r in records), split
+    # Same split of the music interactions as the full data set; profiles lose other domains.
+    assert len(records) == sum(r["domain"] == "music" for r in full["examples"][split])
+    assert not any("books:" in r["profile"] or "movies:" in r["profile"] for r in records)
+  with pytest.raises(DataError, match=r"domain\(s\) \['games'\] not in the data .*fix data.domains"):
+    load_and_process(SourceConfig("synthetic", synthetic=SMALL,
+                                  processing=ProcessingConfig(domains=("music", "games"))))
 
 
 def test_movielens_reader(tmp_path):

@@ -102,8 +102,11 @@ class CrossDomain(tfds.core.GeneratorBasedBuilder):
       yield i, _EXAMPLE_DEFAULTS | record
 
 
-def load_and_process(config: SourceConfig) -> dict[str, Any]:
-  """Reads, validates and processes the configured source (no tfds involved)."""
+def read_source(config: SourceConfig):
+  """Reads and validates the configured source: (interactions, items, validation report).
+
+  ``processing.domains``, when set, keeps only those domains (e.g. a single-domain model).
+  """
   if config.source not in SOURCES:
     raise DataError(f"unknown data source {config.source!r}; use one of {SOURCES}")
   report = ValidationReport()
@@ -125,6 +128,21 @@ def load_and_process(config: SourceConfig) -> dict[str, Any]:
                                        bad_rows=config.bad_rows, report=report)
     if not interactions:
       raise DataError(f"{interactions_path}: no interaction is left after validation")
+  keep = config.processing.domains
+  if keep:
+    present = sorted({x.domain for x in interactions})
+    unknown = sorted(set(keep) - set(present))
+    if unknown:
+      raise DataError(f"{config.path or config.source}: domain(s) {unknown} not in the data "
+                      f"(it has {present}); fix data.domains")
+    interactions = [x for x in interactions if x.domain in keep]
+    items = {k: v for k, v in items.items() if k[0] in keep}
+  return interactions, items, report
+
+
+def load_and_process(config: SourceConfig) -> dict[str, Any]:
+  """Reads, validates and processes the configured source (no tfds involved)."""
+  interactions, items, report = read_source(config)
   processed = build_examples(interactions, items, config.processing)
   processed["report"] = report.to_dict()
   return processed

@@ -46,6 +46,7 @@ class ProcessingConfig:
   cold_threshold: int = 1   # fewer prior interactions than this in the target domain = cold
   # Domains: {"name": "rating" | "implicit"}; unlisted domains are inferred.
   domain_tasks: tuple[tuple[str, str], ...] = ()
+  domains: tuple[str, ...] = ()  # keep only these domains (empty: all)
   rating_scales: tuple[tuple[str, float, float], ...] = ()
 
 

@@ -18,6 +18,7 @@ held-out slice of train; test is touched once per method.
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import dataclasses
 import json
@@ -406,7 +407,32 @@ def model_config(args, data_path: pathlib.Path, source: str, domains=()):
   c.adversarial.method = args.adversarial
   c.model.dim = args.dim
   c.model.dtype = args.dtype
+  for override in args.set:
+    _override(c, override)
   return c
+
+
+def _override(config, assignment: str) -> None:
+  """``--set optim.freeze_encoder_layers=-1``: one config field, value as a Python literal."""
+  key, sep, text = assignment.partition("=")
+  node, *path = key.strip().split(".")
+  *parents, leaf = [node] + path
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text  # a bare string such as adversarial.method=pgd
+  target = config
+  try:
+    for name in parents:
+      target = target[name]
+    current = target[leaf]
+  except KeyError:
+    sys.exit(f"--set {assignment}: no config field {key!r} (see crossrec_jax/config_defaults.py)")
+  if not sep:
+    sys.exit(f"--set {assignment}: expected KEY=VALUE")
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  target[leaf] = value
 
 
 def _buckets(n):  # hashed-ID table rows: about 2x the number of IDs keeps collisions rare
@@ -489,6 +515,9 @@ def parse_args(argv):
   p.add_argument("--adversarial", default="fgm", choices=("none", "fgm", "pgd", "smart"))
   p.add_argument("--dim", type=int, default=128)
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="any other training config field, e.g. --set optim.freeze_encoder_layers=-1 "
+                      "(repeatable; use a fresh --workdir per variant, as a workdir resumes)")
   # Baselines' grids.
   p.add_argument("--bias_regs", type=float, nargs="+", default=(2.0, 5.0, 10.0, 20.0))
   p.add_argument("--mf_ranks", type=int, nargs="+", default=(20, 50))
@@ -528,8 +557,8 @@ def main(argv=None):
   if not args.skip_model:
     print(f"our model: {args.model}, {args.steps} steps x batch {args.batch_size} per model, "
           f"profile {args.user_max_length} / item {args.item_max_length} tokens, adversarial "
-          f"{args.adversarial}, lr {args.learning_rate:g} (encoder x{args.encoder_lr_factor:g})",
-          flush=True)
+          f"{args.adversarial}, lr {args.learning_rate:g} (encoder x{args.encoder_lr_factor:g})"
+          + "".join(f", {a}" for a in args.set), flush=True)
 
   explicit = [d for d, s in enumerate(data.domains) if s["task"] == "rating"]
   implicit = [d for d, s in enumerate(data.domains) if s["task"] == "implicit"]

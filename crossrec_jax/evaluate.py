@@ -123,10 +123,11 @@ class Baselines:
   def __init__(self, catalog: pipeline.Catalog, counts: np.ndarray, label_sums: np.ndarray):
     """``counts`` / ``label_sums``: train interactions and their label sum per catalog row."""
     self.catalog = catalog
-    domain_mean = np.zeros(len(catalog.domains))
+    self.domain_mean = np.zeros(len(catalog.domains))
     for d, rows in enumerate(catalog.rows_of_domain):
-      domain_mean[d] = label_sums[rows].sum() / max(counts[rows].sum(), 1)
-    self.mean = np.where(counts > 0, label_sums / np.maximum(counts, 1), domain_mean[catalog.domain])
+      self.domain_mean[d] = label_sums[rows].sum() / max(counts[rows].sum(), 1)
+    self.mean = np.where(counts > 0, label_sums / np.maximum(counts, 1),
+                         self.domain_mean[catalog.domain])
     self.popularity = counts
 
   def item_mean(self, records: Sequence[dict[str, Any]]) -> np.ndarray:

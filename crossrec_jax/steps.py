@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from crossrec_jax import adversarial, sharding
+from crossrec_jax import adversarial, optim, sharding
 
 
 @flax.struct.dataclass
@@ -87,6 +87,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tables: TaskTabl
     rng, dropout_rng, adv_rng = jax.random.split(state.rng, 3)
 
     def total_loss(params):
+      # Frozen parameters are constants here, so XLA drops their weight gradients and they
+      # count in neither the clipping norm nor grad_norm.
+      params = jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p,
+                            params, optim.trainable_labels(params, config))
       model = nnx.merge(graphdef, params)
       embeds = model.embed_tokens(batch)
 

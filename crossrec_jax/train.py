@@ -28,7 +28,7 @@ from crossrec_jax import evaluate as eval_lib
 from crossrec_jax import optim, sharding, steps
 from crossrec_jax import score as score_lib
 from crossrec_jax.data import pipeline
-from crossrec_jax.models import CrossDomainRecommender, DomainSpec, hf, testing
+from crossrec_jax.models import CrossDomainRecommender, DomainSpec, heads, hf, testing
 
 log = logging.getLogger("crossrec_jax")
 
@@ -175,6 +175,8 @@ def build_run(config, workdir, devices=None) -> tuple[Run, Any]:
     counts[row] += 1
     label_sums[row] += float(record["label"])
   catalog.set_train_counts(counts)
+  baselines = eval_lib.Baselines(catalog, counts, label_sums)
+  _start_ratings_at_train_mean(params, model.config, baselines)
   if jax.process_index() == 0 and not (workdir / score_lib.KNOWN_IDS_FILE).exists():
     known_items = [f"{catalog.domains[d]}/{i}" for d, i, c in
                    zip(catalog.domain, catalog.item_ids, counts) if c > 0]
@@ -189,9 +191,17 @@ def build_run(config, workdir, devices=None) -> tuple[Run, Any]:
       "tokenizer": "tokenizer", "bert_checkpoint": str(model_dir), "data": md,
   }, default=list))
   run = Run(config, workdir, mesh, graphdef, model.config, tokenizer, catalog, sources,
-            pipe_config, tx, shardings_, abstract_state, meta,
-            eval_lib.Baselines(catalog, counts, label_sums))
+            pipe_config, tx, shardings_, abstract_state, meta, baselines)
   return run, params
+
+
+def _start_ratings_at_train_mean(params, model_config, baselines) -> None:
+  """Sets each rating domain's output bias so that a fresh model predicts its train mean."""
+  bias = params["head"]["out_bias"] = np.array(params["head"]["out_bias"])  # writable copy
+  for d, spec in enumerate(model_config.domains):
+    if spec.task == "rating":
+      bias[d, 0] = heads.rating_bias_for_mean(baselines.domain_mean[d], spec.min_rating,
+                                              spec.max_rating)
 
 
 def init_state(run: Run, params) -> steps.TrainState:

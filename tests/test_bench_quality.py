@@ -88,3 +88,18 @@ def test_whole_run_on_a_bring_your_own_directory(byo_dir, tiny_checkpoint, tmp_p
 def test_missing_data_directory_is_a_clear_error(tmp_path):
   with pytest.raises(SystemExit, match="not a directory"):
     bench_quality.main(["--data", str(tmp_path / "absent"), "--skip_model"])
+
+
+def test_config_overrides_reach_the_training_config(tmp_path):
+  args = bench_quality.parse_args([
+      "--data", str(tmp_path), "--workdir", str(tmp_path),
+      "--set", "optim.freeze_encoder_layers=-1", "--set", "adversarial.method=none",
+      "--set", "loss.rating_weight=3"])
+  config = bench_quality.model_config(args, tmp_path, "byo")
+  assert config.optim.freeze_encoder_layers == -1
+  assert config.adversarial.method == "none"
+  assert config.loss.rating_weight == 3.0 and isinstance(config.loss.rating_weight, float)
+  for bad, message in (("optim.no_such_field=1", "no config field"), ("optim.learning_rate", "KEY=VALUE")):
+    with pytest.raises(SystemExit, match=message):
+      bench_quality.model_config(bench_quality.parse_args(
+          ["--data", str(tmp_path), "--set", bad]), tmp_path, "byo")

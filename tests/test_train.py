@@ -102,6 +102,26 @@ def test_eight_device_losses_match_one_device(tmp_path, data_dir, mesh):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+def test_fresh_rating_head_predicts_the_train_mean(tmp_path, data_dir):
+  config = load_config(**{"data.data_dir": data_dir})
+  run, params = train.build_run(config, tmp_path)
+  rating_domains = [d for d, s in enumerate(run.model_config.domains) if s.task == "rating"]
+  assert rating_domains
+  state = train.init_state(run, params)
+  _, _, predict, _, _ = steps.make_encode_fns(run.graphdef)
+  batch = _batches(run, 1)[0]
+  for d in rating_domains:
+    spec = run.model_config.domains[d]
+    mean = run.baselines.domain_mean[d]
+    assert spec.min_rating < mean < spec.max_rating
+    rating = np.asarray(jax.jit(predict)(state.params, batch | {
+        "domain": np.full_like(batch["domain"], d)})["rating"])
+    # The untrained head scatters around its bias; the scale's midpoint would be off by more.
+    assert abs(rating.mean() - mean) < 0.5 * abs(mean - (spec.min_rating + spec.max_rating) / 2) + 0.05
+    low, high, b = spec.min_rating, spec.max_rating, float(np.asarray(state.params["head"]["out_bias"])[d, 0])
+    np.testing.assert_allclose(low + (high - low) / (1 + np.exp(-b)), mean, rtol=1e-6)
+
+
 def test_frozen_layers_do_not_move_and_decay_mask(tmp_path, data_dir):
   config = load_config(**{"data.data_dir": data_dir, "optim.freeze_encoder_layers": 1})
   run, params = train.build_run(config, tmp_path)
@@ -122,6 +142,25 @@ def test_frozen_layers_do_not_move_and_decay_mask(tmp_path, data_dir):
                                 before["encoder"]["layers"][0]["query"]["kernel"])
   assert not np.array_equal(after["encoder"]["layers"][1]["query"]["kernel"],
                             before["encoder"]["layers"][1]["query"]["kernel"])
+
+
+def test_frozen_encoder_is_left_out_of_the_backward_pass(tmp_path, data_dir):
+  """A frozen parameter gets no gradient: it counts in neither grad_norm nor the clipping norm,
+  and with the whole encoder frozen the compiled step does markedly less work."""
+  norms, flops = {}, {}
+  for frozen in (0, -1):
+    config = load_config(**{"data.data_dir": data_dir, "adversarial.method": "none",
+                            "optim.freeze_encoder_layers": frozen})
+    run, params = train.build_run(config, tmp_path / str(frozen))
+    state = train.init_state(run, params)
+    tables = steps.TaskTables.from_config(run.model_config)
+    step = steps.jit_train_step(steps.make_train_step(run.graphdef, run.tx, tables, config),
+                                run.state_shardings, run.mesh)
+    batch = sharding.host_batch_to_global(_batches(run, 1)[0], run.mesh)
+    flops[frozen] = step.lower(state, batch).compile().cost_analysis()["flops"]
+    norms[frozen] = float(step(state, batch)[1]["grad_norm"])
+  assert norms[-1] < norms[0]
+  assert flops[-1] < 0.8 * flops[0], flops
 
 
 def test_parameter_efficient_mode_trains_only_matching(tmp_path, data_dir):

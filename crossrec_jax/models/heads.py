@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 DOMAIN, EXPERT, FEATURE, HIDDEN = "domain", "expert", "embed", "mlp"
@@ -21,6 +22,16 @@ _stacked_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_norm
 
 def _param(rngs, shape, axes):
   return nnx.Param(_stacked_init(rngs.params(), shape, jnp.float32), logical_axes=axes)
+
+
+def rating_bias_for_mean(mean: float, low: float, high: float) -> float:
+  """Output bias at which the rating head predicts ``mean`` (inverse of its scaled sigmoid).
+
+  Starting from the training mean rather than the scale's midpoint spares the first steps
+  the job of learning the global offset (about 0.5 stars on 1-5 data).
+  """
+  p = min(max((mean - low) / (high - low), 1e-3), 1.0 - 1e-3)
+  return float(np.log(p / (1.0 - p)))
 
 
 def _zeros(shape, axes):

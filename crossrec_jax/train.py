@@ -144,7 +144,8 @@ def build_run(config, workdir, devices=None) -> tuple[Run, Any]:
   model = CrossDomainRecommender.from_pretrained(
       str(model_dir), domains=domains, seed=config.seed, dim=m.dim, pooling=m.pooling,
       user_buckets=m.user_buckets, item_buckets=m.item_buckets, tower_dim=m.tower_dim,
-      retrieval_dim=m.retrieval_dim, num_experts=m.num_experts, dtype=m.dtype)
+      retrieval_dim=m.retrieval_dim, num_experts=m.num_experts, tied_init=m.tied_init,
+      dtype=m.dtype)
   graphdef, params_state = nnx.split(model, nnx.Param)
   logical = sharding.logical_axes_tree(params_state)
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(params_state))

@@ -129,3 +129,28 @@ def test_config_validation():
   assert RecommenderConfig.from_dict(cfg.to_dict()) == cfg
   with pytest.raises(KeyError, match="unknown domain 'games'"):
     cfg.domain_index("games")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_init_starts_retrieval_at_the_encoders_text_similarity(tied):
+  """Fresh model, no ID rows: the retrieval score should track the dot product of the pooled
+  text vectors (what a sentence encoder is trained for) only when the towers start tied."""
+  cfg = RecommenderConfig(bert=testing.tiny_bert_config(120), domains=DOMAINS, dim=256,
+                          retrieval_dim=256, tied_init=tied)
+  model = CrossDomainRecommender(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  users = rng.integers(5, 120, (12, 10)).astype(np.int32)
+  items = rng.integers(5, 120, (12, 6)).astype(np.int32)
+  ones = lambda x: np.ones_like(x)
+  text = lambda ids: model._text_vector(model.encoder.embed_tokens(ids), ones(ids), True, None)
+  raw = np.asarray(text(users) @ text(items).T).ravel()
+  u = model.head.project_users(model.encode_users(users, ones(users)))[:, 1]
+  v = model.head.project_items(model.encode_items(items, ones(items)))[:, 1]
+  retrieval = np.asarray(u @ v.T).ravel()
+  corr = np.corrcoef(raw, retrieval)[0, 1]
+  if tied:
+    assert corr > 0.75, corr
+  else:
+    assert abs(corr) < 0.5, corr
+  assert np.array_equal(np.asarray(model.item_projection.kernel.value),
+                        np.asarray(model.user_projection.kernel.value)) == tied

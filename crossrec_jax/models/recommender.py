@@ -45,6 +45,7 @@ class RecommenderConfig:
   tower_dim: int = 128
   retrieval_dim: int = 64
   num_experts: int = 0           # > 0: MMoE shared experts with per-domain gates
+  tied_init: bool = True         # user and item projections start equal (see __init__)
   dtype: str = "float32"         # compute dtype; parameters stay float32
 
   def __post_init__(self):
@@ -112,6 +113,12 @@ class CrossDomainRecommender(nnx.Module):
     self.head = MultiTaskHead(config.dim, len(config.domains), tower_dim=config.tower_dim,
                               retrieval_dim=config.retrieval_dim, num_experts=config.num_experts,
                               rating_ranges=ranges, dtype=dtype, rngs=rngs)
+    if config.tied_init:
+      # With the same random projections on both sides, the untrained retrieval score is a
+      # Johnson-Lindenstrauss estimate of the encoder's own user-item text similarity, so a
+      # sentence encoder ranks cold users zero-shot from step 0. The copies train apart.
+      self.item_projection.kernel.value = jnp.array(self.user_projection.kernel.value)
+      self.head.item_retrieval.value = jnp.array(self.head.user_retrieval.value)
 
   @classmethod
   def from_pretrained(cls, checkpoint: str = hf.DEFAULT_CHECKPOINT, *,

@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       checkpoint="embedded:all-MiniLM-L6-v2",  # HF dir, hub id (online), embedded:..., generated:tiny
       dim=128, pooling="mean", user_buckets=1024, item_buckets=1024, tower_dim=128,
-      retrieval_dim=64, num_experts=0, tied_init=True, dtype="float32"))
+      retrieval_dim=64, num_experts=0, tied_init=False, dtype="float32"))
 
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", path="", data_dir="", bad_rows="fail", domains=(),

@@ -45,7 +45,7 @@ class RecommenderConfig:
   tower_dim: int = 128
   retrieval_dim: int = 64
   num_experts: int = 0           # > 0: MMoE shared experts with per-domain gates
-  tied_init: bool = True         # user and item projections start equal (see __init__)
+  tied_init: bool = False        # user and item projections start equal (see __init__)
   dtype: str = "float32"         # compute dtype; parameters stay float32
 
   def __post_init__(self):

@@ -121,10 +121,20 @@ class Checkpointer:
     self.manager.close()
 
 
+def _with_defaults(model_meta):
+  """A saved model config with fields added since it was written set to their defaults, so a
+  new init-only option does not make older checkpoints look incompatible."""
+  from crossrec_jax.models.recommender import RecommenderConfig  # pylint: disable=import-outside-toplevel
+  try:
+    return json.loads(json.dumps(RecommenderConfig.from_dict(model_meta).to_dict(), default=list))
+  except (TypeError, KeyError, ValueError):
+    return model_meta  # unknown or malformed fields: compared as written
+
+
 def _check_compatible(path, meta, expected):
   for key in ("model",):
-    if meta.get(key) != expected.get(key):
-      saved, wanted = meta.get(key) or {}, expected.get(key) or {}
+    saved, wanted = _with_defaults(meta.get(key) or {}), _with_defaults(expected.get(key) or {})
+    if saved != wanted:
       diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
       raise CheckpointIncompatibleError(
           f"{path}: checkpoint was written for another model (differs in {diff}). Use a new "

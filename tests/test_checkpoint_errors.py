@@ -95,3 +95,16 @@ def test_hub_id_offline_is_clear(monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   with pytest.raises(CheckpointError, match=r"could not be fetched from the Hugging Face hub.*pass the local directory"):
     hf.resolve_checkpoint("someone/not-a-local-dir")
+
+
+def test_checkpoint_from_before_a_new_init_option_is_still_compatible(tmp_path):
+  import json as json_  # pylint: disable=import-outside-toplevel
+  from crossrec_jax import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.models import DomainSpec, RecommenderConfig, testing  # pylint: disable=import-outside-toplevel
+  config = RecommenderConfig(bert=testing.tiny_bert_config(50), domains=(DomainSpec("books"),))
+  current = {"model": json_.loads(json_.dumps(config.to_dict(), default=list))}
+  older = {"model": {k: v for k, v in current["model"].items() if k != "tied_init"}}
+  ckpt._check_compatible(tmp_path, older, current)  # pylint: disable=protected-access
+  other = {"model": dict(older["model"], dim=64)}
+  with pytest.raises(ckpt.CheckpointIncompatibleError, match=r"differs in \['dim'\]"):
+    ckpt._check_compatible(tmp_path, other, current)  # pylint: disable=protected-access

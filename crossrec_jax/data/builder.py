@@ -26,7 +26,7 @@ from crossrec_jax.data.records import (DataError, ValidationReport, check_agains
                                        read_interactions, read_items)
 
 SOURCES = ("synthetic", "byo", "movielens")
-SPLITS = ("train", "valid", "test", "items")
+SPLITS = ("train", "valid", "test", "history", "items")
 DEFAULT_DATA_DIR = os.environ.get("CROSSREC_DATA_DIR", str(pathlib.Path("~/.cache/crossrec_jax/tfds").expanduser()))
 
 _EXAMPLE_DEFAULTS = {
@@ -67,8 +67,10 @@ class CrossDomainBuilderConfig(tfds.core.BuilderConfig):
 class CrossDomain(tfds.core.GeneratorBasedBuilder):
   """Cross-domain interactions with per-example profile texts."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "history split: context-only interactions (no profile), so the "
+                            "whole interaction log can be read back from the data set."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()

@@ -185,7 +185,7 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
   train_users = {keys[i] for i, s in enumerate(splits) if s == "train"}
   train_items = {(x.domain, x.item_id) for x, s in zip(interactions, splits) if s == "train"}
 
-  examples = {s: [] for s in TARGET_SPLITS}
+  examples = {s: [] for s in TARGET_SPLITS + ("history",)}
   for user, rows in by_user.items():
     context = sorted((i for i in rows if splits[i] in CONTEXT_SPLITS),
                      key=lambda i: interactions[i].order)
@@ -196,9 +196,16 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
     lines = [_item_line(interactions[i], items, task[interactions[i].domain], config) for i in context]
     for target in rows:
       split = splits[target]
+      x = interactions[target]
+      if split == "history":  # context only: kept so the data set holds the whole log
+        examples[split].append({
+            "user_key": user, "domain": x.domain, "domain_index": index[x.domain],
+            "item_id": x.item_id, "label": x.label, "order": x.order,
+            "user_in_train": user in train_users,
+            "item_in_train": (x.domain, x.item_id) in train_items})
+        continue
       if split not in TARGET_SPLITS:
         continue
-      x = interactions[target]
       # Strictly earlier context only: never the target itself, nothing at or after its time.
       end = bisect.bisect_left(context_order, x.order)
       in_domain = bisect.bisect_left(domain_orders[x.domain], x.order)

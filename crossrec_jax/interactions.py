@@ -117,6 +117,14 @@ class InteractionData:
         label=np.asarray(label, np.float64), order=np.asarray(order, np.float64),
         split=np.asarray(split))
 
+  def only_domain(self, domain: int) -> "InteractionData":
+    """The rows of one domain (the catalog is kept, so item indices do not change): what a
+    single-domain model is trained on."""
+    keep = self.domain == domain
+    return dataclasses.replace(self, user=self.user[keep], domain=self.domain[keep],
+                               item=self.item[keep], label=self.label[keep],
+                               order=self.order[keep], split=self.split[keep])
+
   # ---------------------------------------------------------------------------------- views
   @property
   def names(self) -> list[str]:

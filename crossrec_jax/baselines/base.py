@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from crossrec_jax import metrics
+from crossrec_jax import metrics, ranking
 from crossrec_jax.interactions import InteractionData, Queries
 
 _CHUNK = 1024  # query rows scored at once: bounds the [rows, N_d] intermediates
@@ -75,18 +75,11 @@ def evaluate_ranking(scores: np.ndarray, queries: Queries, data: InteractionData
   if not np.all(queries.domain == domain):
     raise ValueError(f"evaluate_ranking: queries of domain {domain} only")
   offsets = data.offsets
-  target = queries.item - offsets[domain]
-  ranks, candidates = [], []
-  for start in range(0, len(queries), _CHUNK):
-    idx = np.arange(start, min(start + _CHUNK, len(queries)))
-    exclude = domain_exclusions(_take(queries, idx), offsets, domain)
-    r, c = metrics.rank_of_target(scores[idx], target[idx], exclude)
-    ranks.append(r)
-    candidates.append(c)
-  if not ranks:
+  if not len(queries):
     return {f"hr@{k}": float("nan"), f"ndcg@{k}": float("nan"), "auc": float("nan"), "n": 0}
-  return metrics.ranking_metrics(np.concatenate(ranks), np.concatenate(candidates), k) | {
-      "n": len(queries)}
+  columns = slice(offsets[domain], offsets[domain + 1])
+  return ranking.ranking_metrics(scores, queries.item - offsets[domain],
+                                 queries.context[:, columns], k)
 
 
 def evaluate_rating(pred: np.ndarray, queries: Queries) -> dict[str, float]:

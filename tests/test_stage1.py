@@ -1,0 +1,222 @@
+"""Stage-1 training on cached text vectors: histories, the hybrid model, ranking on device,
+fusion, the interaction log and the text-vector cache."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from crossrec_jax import data as data_lib
+from crossrec_jax import fusion, metrics, ranking, text_cache
+from crossrec_jax.baselines import Popularity, UserItemBias, evaluate_ranking
+from crossrec_jax.cached_training import (HybridSettings, build_histories, fit_hybrid,
+                                         standardize)
+from crossrec_jax.interactions import InteractionData
+
+RATING = {"name": "movies", "task": "rating", "min_rating": 1.0, "max_rating": 5.0}
+
+
+def _log(domains, item_ids, rows):
+  """rows: (user, domain, item, label, order, split)."""
+  cols = list(zip(*rows))
+  return InteractionData.from_columns(
+      domains, item_ids, [[f"{d} item {i}" for i in ids] for d, ids in
+                          zip([x["name"] for x in domains], item_ids)],
+      user_key=cols[0], domain=cols[1], item_id=cols[2], label=cols[3], order=cols[4],
+      split=cols[5])
+
+
+def test_histories_before_target_are_strictly_earlier_newest_first():
+  domains = [{"name": "a", "task": "implicit"}, {"name": "b", "task": "implicit"}]
+  data = _log(domains, [["x", "y", "z"], ["p", "q"]], [
+      ("u", "a", "x", 1, 1, "train"), ("u", "b", "p", 1, 2, "train"),
+      ("u", "a", "y", 1, 3, "train"), ("u", "b", "q", 1, 3, "train"),  # same time as y
+      ("u", "a", "z", 1, 4, "test"), ("v", "a", "z", 1, 1, "history"), ("v", "a", "x", 1, 2, "test")])
+  rows = np.flatnonzero(data.split != "history")
+  hist, example_hist, hist_domain, _ = build_histories(data, rows, "before_target", 4)
+  pad = data.num_items
+  by_row = {int(r): [int(i) for i in hist[example_hist[k]] if i != pad] for k, r in enumerate(rows)}
+  x, y, z, p, q = 0, 1, 2, 3, 4
+  assert by_row[0] == []                     # first interaction: nothing before it
+  assert by_row[1] == [x]
+  assert by_row[2] == [p, x]                 # newest first, across domains
+  assert by_row[3] == [p, x]                 # y has the same time as q: not "before"
+  assert by_row[4] == [q, y, p, x]           # the test target sees all earlier context
+  assert by_row[6] == [z]                    # a cold user's history rows count
+  assert list(hist_domain[example_hist[[0, 1]]]) == [0, 1]
+
+
+def _planted_ratings(seed=0, users=120, items=60):
+  rng = np.random.default_rng(seed)
+  u_f, i_f = rng.normal(size=(users, 2)), rng.normal(size=(items, 2))
+  rows = []
+  for u in range(users):
+    for t, i in enumerate(rng.choice(items, 25, replace=False)):
+      r = float(np.clip(np.round(3 + 0.9 * u_f[u] @ i_f[i] + rng.normal(0, 0.3)), 1, 5))
+      rows.append((f"u{u}", "movies", f"m{i}", r, t, "test" if rng.random() < 0.2 else "train"))
+  return _log([RATING], [[f"m{i}" for i in range(items)]], rows)
+
+
+def _settings(data, **changes):
+  return dataclasses.replace(HybridSettings.defaults_for(data), **changes)
+
+
+def test_hybrid_learns_ratings_beyond_the_biases():
+  data = _planted_ratings()
+  test = data.queries("test", 0, context="all")
+  bias = metrics.rmse(UserItemBias(reg=2.0).fit(data).score_pairs(test), test.label)
+  model = fit_hybrid(data, _settings(data, epochs=150, dim=8, reg_history=10.0, reg_factors=0.05),
+                     verbose=False)
+  assert model.context == "all"  # a random split: histories are the whole context (SVD++)
+  ours = metrics.rmse(np.clip(model.score_pairs(test), 1, 5), test.label)
+  assert ours < bias - 0.1, (ours, bias)
+
+
+def test_a_train_target_is_taken_out_of_its_own_history():
+  data = _planted_ratings()
+  text = np.random.default_rng(1).normal(size=(data.num_items, 8)).astype(np.float32)
+  model = fit_hybrid(data, _settings(data, epochs=3, dim=8, use_history_text=True), text=text,
+                     verbose=False).model
+  tables = standardize(text)
+  domain_of_item = jnp.zeros(data.num_items + 1, jnp.int32)
+  items = np.array([[3, 7, 11, data.num_items]], np.int32)
+  common = {"hist_domain": np.zeros(1, np.int32), "hist_profile": np.zeros(1, np.int32),
+            "example_hist": np.zeros(1, np.int32), "user": np.array([5], np.int32),
+            "domain": np.zeros(1, np.int32), "item": np.array([7], np.int32)}
+  with_target = model.example_user_vectors(
+      common | {"hist": items, "self_in_history": np.ones(1, np.int32)}, jnp.asarray(tables),
+      domain_of_item)
+  without = model.example_user_vectors(
+      common | {"hist": np.array([[3, 11, data.num_items, data.num_items]], np.int32),
+                "self_in_history": np.zeros(1, np.int32)}, jnp.asarray(tables), domain_of_item)
+  np.testing.assert_allclose(np.asarray(with_target), np.asarray(without), atol=1e-5)
+  leaky = model.example_user_vectors(
+      common | {"hist": items, "self_in_history": np.zeros(1, np.int32)}, jnp.asarray(tables),
+      domain_of_item)
+  assert not np.allclose(np.asarray(leaky), np.asarray(without), atol=1e-4)
+
+
+def _planted_sequences(seed=0, users=300, items=40):
+  """Two implicit domains whose items come in pairs: after item i of domain a a user takes item
+  i of domain b; cold test users are known only by their history."""
+  rng = np.random.default_rng(seed)
+  domains = [{"name": "a", "task": "implicit"}, {"name": "b", "task": "implicit"}]
+  rows = []
+  for u in range(users):
+    split = "train" if u < 240 else "history"
+    for t, i in enumerate(rng.choice(items, 3, replace=False)):
+      rows.append((f"u{u}", "a", f"a{i}", 1, 2 * t, split))
+      last = t == 2 and u >= 240
+      rows.append((f"u{u}", "b", f"b{i}", 1, 2 * t + 1, ("test" if u >= 270 else "valid") if last else split))
+  return _log(domains, [[f"a{i}" for i in range(items)], [f"b{i}" for i in range(items)]], rows)
+
+
+def test_hybrid_ranks_cold_users_from_their_cross_domain_history():
+  data = _planted_sequences()
+  test = data.queries("test", 1)
+  text = np.random.default_rng(0).normal(size=(data.num_items, 16)).astype(np.float32)
+  settings = _settings(data, epochs=40, dim=16, batch_size=256, learning_rate=0.02)
+  model = fit_hybrid(data, settings, text=text, verbose=False)
+  ours = evaluate_ranking(model.score_catalog(test, 1), test, data, 1)
+  pop = evaluate_ranking(Popularity().fit(data).score_catalog(test, 1), test, data, 1)
+  assert ours["hr@10"] > 0.8 and pop["hr@10"] < 0.5, (ours, pop)
+  # Without the other domain's history the pairing cannot be seen.
+  single = fit_hybrid(data, dataclasses.replace(settings, cross_domain=False), text=text,
+                      verbose=False)
+  alone = evaluate_ranking(single.score_catalog(test, 1), test, data, 1)
+  assert alone["hr@10"] < ours["hr@10"] - 0.3, (alone, ours)
+
+
+def test_apr_perturbation_changes_the_update():
+  data = _planted_sequences(users=280)
+  base = _settings(data, epochs=2, dim=8)
+  plain = fit_hybrid(data, base, verbose=False)
+  apr = fit_hybrid(data, dataclasses.replace(base, adversarial="apr"), verbose=False)
+  assert "a/adversarial" in apr.log[-1] and "a/adversarial" not in plain.log[-1]
+  assert apr.log[-1]["a/adversarial"] > apr.log[-1]["a/loss"]  # the worst case is worse
+  assert not np.allclose(np.asarray(plain.model.item_factors.value),
+                         np.asarray(apr.model.item_factors.value))
+
+
+def test_rank_of_targets_matches_the_host_reference_and_hand_values():
+  scores = np.array([[0.5, 0.9, 0.5, 0.1], [1.0, 2.0, 3.0, 4.0]], np.float32)
+  exclude = sp.csr_matrix(np.array([[0, 1, 0, 0], [0, 0, 0, 1]]))
+  rank, cand = ranking.rank_of_targets(scores, np.array([0, 1]), exclude)
+  # Row 0: item 1 excluded, item 2 ties the target (half), item 3 is lower -> rank 0.5 of 3.
+  # Row 1: item 3 excluded, item 2 higher -> rank 1 of 3.
+  np.testing.assert_allclose(rank, [0.5, 1.0])
+  np.testing.assert_allclose(cand, [3, 3])
+  rng = np.random.default_rng(0)
+  s = rng.integers(0, 5, (50, 30)).astype(np.float32)
+  t = rng.integers(0, 30, 50)
+  ex = sp.random(50, 30, 0.2, format="csr", random_state=1)
+  got = ranking.rank_of_targets(s, t, ex, block=16)
+  want = metrics.rank_of_target(s, t, ex.toarray() > 0)
+  np.testing.assert_allclose(got[0], want[0])
+  np.testing.assert_allclose(got[1], want[1])
+  m = ranking.ranking_metrics(scores, np.array([0, 1]), exclude, k=1)
+  assert m["hr@1"] == 0.5 and m["ndcg@1"] == pytest.approx(0.5)
+
+
+def test_masked_top_k_leaves_out_excluded_items():
+  scores = np.array([[3.0, 2.0, 1.0, 0.0]], np.float32)
+  values, index = ranking.masked_top_k(scores, np.array([[0, 2, -1]], np.int32), k=2)
+  assert list(np.asarray(index[0])) == [1, 3]
+  assert list(np.asarray(values[0])) == [2.0, 0.0]
+
+
+def test_fusion_weights_pick_the_informative_component():
+  rng = np.random.default_rng(0)
+  n, items = 200, 50
+  target = rng.integers(0, items, n)
+  good = rng.normal(size=(n, items))
+  good[np.arange(n), target] += 2.5
+  noise = rng.normal(size=(n, items)) * 100  # a different scale: z-scoring removes it
+  weights, tried = fusion.tune_weights({"good": good, "noise": noise}, target, None, k=10)
+  assert weights["good"] > 0 and weights["noise"] == 0, weights
+  assert len(tried) < len(fusion.DEFAULT_GRID) ** 2  # proportional duplicates are skipped
+  fused = fusion.fuse({"good": good, "noise": noise}, {"good": 1.0, "noise": 0.0})
+  np.testing.assert_allclose(np.asarray(fused), np.asarray(fusion.zscore_rows(good)), atol=1e-5)
+  with pytest.raises(ValueError, match="all zero"):
+    fusion.fuse({"good": good}, {"good": 0.0})
+
+
+def test_interaction_log_reads_every_split_and_caches_it(tmp_path):
+  cfg = data_lib.SyntheticConfig(num_users=30, items_per_domain=12, seed=0)
+  builder = data_lib.prepare("synthetic", data_dir=str(tmp_path), synthetic_config=cfg)
+  first = InteractionData.from_builder(builder)
+  interactions, _ = data_lib.synthetic.generate(cfg)
+  assert len(first.user) == len(interactions)            # history rows included
+  cache = tmp_path.rglob("interaction_log.npz")
+  assert next(cache, None) is not None
+  again = InteractionData.from_builder(builder)
+  for field in ("user", "domain", "item", "label", "order", "split"):
+    np.testing.assert_array_equal(getattr(first, field), getattr(again, field))
+  assert again.item_texts == first.item_texts and again.user_keys == first.user_keys
+  q = first.queries("test")
+  for k in range(len(q)):
+    rows = np.flatnonzero((first.user == first.user[q.row[k]]) & np.isin(first.split, ("train", "history"))
+                          & (first.order < first.order[q.row[k]]))
+    assert set(q.context[k].indices) == set(first.item[rows])
+
+
+def test_text_vector_cache_is_keyed_and_survives_a_corrupt_file(tiny_checkpoint, tmp_path):
+  encoder = text_cache.TextEncoder(str(tiny_checkpoint), batch_size=8)
+  texts = ["the blue album", "a dark city night", "", "jazz"]
+  first = text_cache.cached_vectors("", texts, 16, cache_dir=tmp_path, encoder=encoder,
+                                    progress=False)
+  files = list(tmp_path.glob("*.npy"))
+  assert len(files) == 1 and first.shape == (4, encoder.dim)
+  # Batched, length-sorted encoding equals encoding each text alone.
+  for t, v in zip(texts, first):
+    np.testing.assert_allclose(encoder.encode([t], 16)[0], v, atol=1e-5)
+  np.save(files[0], np.zeros_like(first))   # the cache is read back, not recomputed
+  np.testing.assert_array_equal(
+      text_cache.cached_vectors("", texts, 16, cache_dir=tmp_path, encoder=encoder), 0)
+  text_cache.cached_vectors("", texts, 8, cache_dir=tmp_path, encoder=encoder)
+  assert len(list(tmp_path.glob("*.npy"))) == 2             # another max length: another key
+  files[0].write_bytes(b"not a numpy file")
+  again = text_cache.cached_vectors("", texts, 16, cache_dir=tmp_path, encoder=encoder)
+  np.testing.assert_allclose(again, first, atol=1e-6)

@@ -41,6 +41,7 @@ class HybridSettings:
   use_history_text: bool = True
   use_profile: bool = False
   cross_domain: bool = True
+  text_pca_dim: int = 0            # > 0: principal components of the text vectors kept
   context: str = "auto"            # auto | before_target | all (auto: all for ratio splits)
   history_length: int = 50         # newest rows kept per history (before_target)
   history_length_all: int = 1024   # the same for context="all" (SVD++ uses the whole N(u))
@@ -145,11 +146,15 @@ def _history_length(s: HybridSettings, context: str) -> int:
   return s.history_length_all if context == "all" else s.history_length
 
 
-def standardize(vectors: np.ndarray) -> np.ndarray:
+def standardize(vectors: np.ndarray, pca_dim: int = 0) -> np.ndarray:
   """Centred over the catalog and scaled to unit mean norm (one scale for all dimensions, so
   the text geometry is kept and L2 penalties on projections mean the same for any encoder),
-  with a zero padding row appended."""
+  with a zero padding row appended. ``pca_dim`` > 0 keeps that many principal components
+  (cheaper projections on large catalogs)."""
   v = vectors - vectors.mean(0)
+  if 0 < pca_dim < v.shape[1]:
+    _, _, vt = np.linalg.svd(v[:: max(1, len(v) // 20000)], full_matrices=False)
+    v = v @ vt[:pca_dim].T
   v = v / (np.linalg.norm(v, axis=1).mean() + 1e-12)
   return np.vstack([v, np.zeros((1, v.shape[1]))]).astype(np.float32)
 
@@ -166,7 +171,11 @@ class FittedHybrid:
     self.text, self.profile, self.profile_rows, self.log = text, profile, profile_rows, log
     self.name = "hybrid"
     self._domain_of_item = jnp.asarray(np.append(data.domain_of_item(), -1).astype(np.int32))
-    graphdef, state = nnx.split(model)
+    self.refresh()
+
+  def refresh(self):
+    """Re-reads the model's parameters (after ``nnx.update``, e.g. a checkpoint restore)."""
+    graphdef, state = nnx.split(self.model)
 
     @jax.jit
     def user_vectors(state, batch, text, profile, domain_of_item):
@@ -270,8 +279,9 @@ def fit_hybrid(data: InteractionData, settings: HybridSettings = HybridSettings(
   ``profile``: [P, T] profile vectors with ``profile_rows[u]`` the row of user u."""
   s = settings
   context = resolve_context(s, data)
-  text_dim = 0 if text is None else text.shape[1]
-  text_table = standardize(text) if text is not None else np.zeros((data.num_items + 1, 1), np.float32)
+  text_dim = 0 if text is None else (min(s.text_pca_dim, text.shape[1]) if s.text_pca_dim
+                                      else text.shape[1])
+  text_table = standardize(text, s.text_pca_dim) if text is not None else np.zeros((data.num_items + 1, 1), np.float32)
   if profile is not None and s.use_profile:
     profile_table = standardize(profile)
     profile_rows = np.asarray(profile_rows, np.int32)

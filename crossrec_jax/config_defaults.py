@@ -20,6 +20,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.async_checkpointing = True
   c.steps_per_run = 0               # > 0: save and stop after this many steps (time-sliced jobs)
 
+  # Training stage. "cached" (stage 1, the CPU default): the pretrained encoder is frozen, item
+  # texts are encoded once and cached, and the hybrid model (biases, ID factors, history term,
+  # text projections; crossrec_jax/cached_training.py) trains on the cached vectors, fused
+  # with item-item CF for implicit domains. "end_to_end" (stage 2, accelerators): the encoder is
+  # fine-tuned with the adversarial regularizer on its word embeddings.
+  c.stage = "end_to_end"
+  # Stage-1 model: None keeps the measured default for the data's kind
+  # (cached_training.EXPLICIT / IMPLICIT); any field of cached_training.HybridSettings.
+  c.hybrid = ml_collections.ConfigDict(dict(
+      dim=ml_collections.config_dict.placeholder(int),
+      epochs=ml_collections.config_dict.placeholder(int),
+      batch_size=ml_collections.config_dict.placeholder(int),
+      learning_rate=ml_collections.config_dict.placeholder(float),
+      use_text=ml_collections.config_dict.placeholder(bool),
+      use_history=ml_collections.config_dict.placeholder(bool),
+      use_history_text=ml_collections.config_dict.placeholder(bool),
+      use_ids=ml_collections.config_dict.placeholder(bool),
+      use_biases=ml_collections.config_dict.placeholder(bool),
+      cross_domain=ml_collections.config_dict.placeholder(bool),
+      adversarial=ml_collections.config_dict.placeholder(str),
+      adversarial_eps=ml_collections.config_dict.placeholder(float),
+      adversarial_weight=ml_collections.config_dict.placeholder(float)))
+  # CF + deep fusion of stage 1 (implicit domains; weights tuned on valid).
+  c.fusion = ml_collections.ConfigDict(dict(
+      components=("item_knn", "ease"), knn_k=100, knn_shrink=20.0, ease_lambda=30.0))
+
   c.model = ml_collections.ConfigDict(dict(
       checkpoint="embedded:all-MiniLM-L6-v2",  # HF dir, hub id (online), embedded:..., generated:tiny
       dim=128, pooling="mean", user_buckets=1024, item_buckets=1024, tower_dim=128,

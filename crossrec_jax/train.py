@@ -28,6 +28,8 @@ from crossrec_jax import evaluate as eval_lib
 from crossrec_jax import optim, sharding, steps
 from crossrec_jax import score as score_lib
 from crossrec_jax.data import pipeline
+from crossrec_jax.data.from_config import (barrier, prepare_data, processing_config,  # noqa: F401
+                                          resolve_model_checkpoint)
 from crossrec_jax.models import CrossDomainRecommender, DomainSpec, heads, hf, testing
 
 log = logging.getLogger("crossrec_jax")
@@ -49,50 +51,6 @@ def maybe_initialize_distributed(config) -> None:
     jax.distributed.initialize(address, num_processes=num, process_id=pid)
   elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
     jax.distributed.initialize()  # TPU pod slice: everything comes from the environment
-
-
-def resolve_model_checkpoint(config, workdir: pathlib.Path) -> pathlib.Path:
-  name = config.model.checkpoint
-  if name.startswith("generated:tiny"):
-    # A random tiny BERT written as a real checkpoint (tests, smoke runs): same loading path.
-    target = workdir / "generated_bert"
-    if not (target / "model.safetensors").exists() and jax.process_index() == 0:
-      testing.write_tiny_checkpoint(target, seed=config.seed,
-                                    extra_words=data_lib.synthetic.vocabulary_words())
-    _barrier("generated_bert")
-    return target
-  return hf.resolve_checkpoint(name)
-
-
-def _barrier(name):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(name)
-
-
-def processing_config(config) -> data_lib.ProcessingConfig:
-  d = config.data
-  return data_lib.ProcessingConfig(
-      link_secret=d.link_secret, mapping_file=d.mapping_file, split=d.split, ratio=tuple(d.ratio),
-      seed=config.seed, max_profile_items=d.max_profile_items,
-      max_items_per_domain=d.max_items_per_domain, max_profile_words=d.max_profile_words,
-      domains=tuple(d.domains))
-
-
-def prepare_data(config):
-  d = config.data
-  processing = processing_config(config)
-  synthetic = data_lib.SyntheticConfig(num_users=d.synthetic_users,
-                                       items_per_domain=d.items_per_domain, seed=config.seed)
-  kwargs = dict(data_dir=d.data_dir or None, bad_rows=d.bad_rows, processing=processing,
-                synthetic_config=synthetic)
-  # One process prepares; the others wait and then read the finished data set.
-  if jax.process_index() == 0:
-    builder = data_lib.prepare(d.source, d.path, **kwargs)
-  _barrier("prepare_data")
-  if jax.process_index() != 0:
-    builder = data_lib.prepare(d.source, d.path, **kwargs)
-  return builder
 
 
 def _flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -220,6 +178,12 @@ def init_state(run: Run, params) -> steps.TrainState:
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
   """Trains (resuming if ``workdir`` has checkpoints), evaluates, returns the final metrics."""
   maybe_initialize_distributed(config)
+  if config.stage == "cached":
+    from crossrec_jax import stage1_run  # pylint: disable=import-outside-toplevel
+    return stage1_run.train_and_evaluate(config, workdir)
+  if config.stage != "end_to_end":
+    raise ValueError(f"config.stage={config.stage!r}: use 'cached' (stage 1: frozen encoder, "
+                     "cached text vectors) or 'end_to_end' (fine-tune the encoder)")
   run, params = build_run(config, workdir)
   workdir = run.workdir
   is_main = jax.process_index() == 0

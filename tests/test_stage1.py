@@ -2,6 +2,7 @@
 fusion, the interaction log and the text-vector cache."""
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -220,3 +221,25 @@ def test_text_vector_cache_is_keyed_and_survives_a_corrupt_file(tiny_checkpoint,
   files[0].write_bytes(b"not a numpy file")
   again = text_cache.cached_vectors("", texts, 16, cache_dir=tmp_path, encoder=encoder)
   np.testing.assert_allclose(again, first, atol=1e-6)
+
+
+def test_stage1_training_run_beats_its_baselines_checkpoints_and_restores(tmp_path, capsys):
+  from crossrec_jax import train  # pylint: disable=import-outside-toplevel
+  from test_train import load_config  # pylint: disable=import-outside-toplevel
+  config = load_config("tiny", **{"stage": "cached", "data.data_dir": str(tmp_path / "tfds"),
+                                  "data.synthetic_users": 200, "data.items_per_domain": 40,
+                                  "hybrid.epochs": 30})
+  first = train.train_and_evaluate(config, tmp_path / "run")
+  assert (tmp_path / "run" / "checkpoints").is_dir()
+  assert list((tmp_path / "run" / "text_cache").glob("*.npy"))       # cached in the workdir
+  m = first["metrics"]
+  assert set(m) == {"books", "movies", "music"}
+  for name in ("books", "movies"):
+    assert m[name]["rmse"] < m[name]["baseline_rmse"], m[name]
+  assert m["music"]["ndcg@10"] > m["music"]["baseline_ndcg@10"], m["music"]
+  lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert {l["split"] for l in lines} == {"valid", "test"}
+  capsys.readouterr()
+  again = train.train_and_evaluate(config, tmp_path / "run")
+  assert "Restored the stage-1 model" in capsys.readouterr().out
+  assert again["metrics"] == first["metrics"]

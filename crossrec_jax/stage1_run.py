@@ -1,0 +1,163 @@
+"""``config.stage = "cached"``: stage-1 training run (the CPU / default path).
+
+prepare data (tfds) -> interaction log -> frozen-encoder item vectors, cached in
+``workdir/text_cache`` (keyed by encoder weights, texts and max length, reused by later runs)
+-> hybrid model (``cached_training``) -> item-item CF (kNN, EASE) fitted on the same train
+split -> fusion weights tuned per implicit domain on valid -> Orbax checkpoint (params + the
+settings, fusion weights and CF hyper-parameters as JSON) -> valid / test metrics next to the
+popularity / item-mean baselines.
+
+Re-running with a checkpoint present restores it instead of training again (CF parts are
+refitted: they are deterministic functions of the train split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from crossrec_jax import baselines as bl
+from crossrec_jax import checkpoint as ckpt_lib
+from crossrec_jax import fusion, metrics, ranking, text_cache
+from crossrec_jax.cached_training import FittedHybrid, HybridSettings, fit_hybrid
+from crossrec_jax.data.from_config import prepare_data, resolve_model_checkpoint
+from crossrec_jax.interactions import InteractionData
+
+NEURAL = "neural"
+
+
+@dataclasses.dataclass
+class Stage1Model:
+  """The served model: the hybrid network, CF components and per-domain fusion weights."""
+  hybrid: FittedHybrid
+  cf: dict[str, bl.Recommender]
+  weights: dict[int, dict[str, float]]
+
+  def score_catalog(self, queries, domain: int) -> np.ndarray:
+    """Fused scores where the domain has weights (implicit domains), else the network's."""
+    neural = self.hybrid.score_catalog(queries, domain)
+    w = self.weights.get(domain)
+    if not w:
+      return neural
+    parts = {NEURAL: neural} | {n: m.score_catalog(queries, domain) for n, m in self.cf.items()
+                                if w.get(n)}
+    return np.asarray(fusion.fuse(parts, w))
+
+  def score_pairs(self, queries) -> np.ndarray:
+    return self.hybrid.score_pairs(queries)
+
+
+def settings_from_config(config, data: InteractionData) -> HybridSettings:
+  overrides = {k: v for k, v in config.hybrid.items() if v is not None}
+  return HybridSettings.defaults_for(data, seed=config.seed, overrides=overrides)
+
+
+def fit_cf(data: InteractionData, config) -> dict[str, bl.Recommender]:
+  implicit = [d for d in range(len(data.domains)) if data.task(d) == "implicit"]
+  if not implicit:
+    return {}
+  cf = {}
+  if "item_knn" in config.fusion.components:
+    cf["item_knn"] = bl.ItemKNN(k=config.fusion.knn_k, shrink=config.fusion.knn_shrink).fit(data)
+  if "ease" in config.fusion.components:
+    cf["ease"] = bl.EASE(lam=config.fusion.ease_lambda, domains=implicit).fit(data)
+  return cf
+
+
+def tune_fusion(model: FittedHybrid, cf, data: InteractionData) -> dict[int, dict[str, float]]:
+  weights = {}
+  for d in range(len(data.domains)):
+    if data.task(d) != "implicit" or not cf or not data.mask(("valid",), d).any():
+      continue
+    valid = data.queries("valid", d)
+    cols = slice(data.offsets[d], data.offsets[d + 1])
+    parts = {NEURAL: model.score_catalog(valid, d)} | {
+        n: m.score_catalog(valid, d) for n, m in cf.items()}
+    weights[d], _ = fusion.tune_weights(parts, valid.item - data.offsets[d], valid.context[:, cols])
+  return weights
+
+
+def evaluate(model: Stage1Model, data: InteractionData, split: str, k: int = 10
+             ) -> dict[str, dict[str, float]]:
+  """Per domain: ours (fused where fused) next to popularity / item-mean on the same targets."""
+  results = {}
+  popularity = data.item_counts()
+  for d, spec in enumerate(data.domains):
+    if not data.mask((split,), d).any():
+      continue
+    if spec["task"] == "rating":
+      q = data.queries(split, d, context=model.hybrid.context)
+      lo, hi = spec["min_rating"], spec["max_rating"]
+      pred = np.clip(model.score_pairs(q), lo, hi)
+      base = bl.ItemMean().fit(data).score_pairs(q)
+      results[spec["name"]] = {"n": len(q), "rmse": metrics.rmse(pred, q.label),
+                               "mae": metrics.mae(pred, q.label),
+                               "baseline_rmse": metrics.rmse(base, q.label),
+                               "baseline_mae": metrics.mae(base, q.label)}
+    else:
+      q = data.queries(split, d)
+      cols = slice(data.offsets[d], data.offsets[d + 1])
+      ours = ranking.ranking_metrics(model.score_catalog(q, d), q.item - data.offsets[d],
+                                     q.context[:, cols], k)
+      pop = ranking.ranking_metrics(np.broadcast_to(popularity[cols], (len(q), cols.stop - cols.start)),
+                                    q.item - data.offsets[d], q.context[:, cols], k)
+      results[spec["name"]] = ours | {f"baseline_{m}": v for m, v in pop.items() if m != "n"}
+  return results
+
+
+def train_and_evaluate(config, workdir) -> dict[str, Any]:
+  from crossrec_jax.evaluate import format_table  # pylint: disable=import-outside-toplevel
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  data = InteractionData.from_builder(prepare_data(config))
+  text = text_cache.cached_vectors(str(resolve_model_checkpoint(config, workdir)), data.item_texts,
+                                   config.data.item_max_length, cache_dir=workdir / "text_cache")
+  settings = settings_from_config(config, data)
+  model_meta = {"stage": "cached", "settings": dataclasses.asdict(settings),
+                "domains": data.domains, "num_users": data.num_users, "num_items": data.num_items,
+                "text_dim": int(text.shape[1])}
+  meta = json.loads(json.dumps({"config": config.to_dict(), "model": model_meta}, default=list))
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
+  try:
+    # The untrained model gives the checkpoint's structure; epochs=0 trains nothing.
+    hybrid = fit_hybrid(data, dataclasses.replace(settings, epochs=0), text=text, verbose=False)
+    _, params = nnx.split(hybrid.model)
+    abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                       nnx.to_pure_dict(params))}
+    restored = checkpointer.restore(abstract, expected_meta=meta) if checkpointer.all_steps() else None
+    if restored is not None:
+      step, state, _, saved = restored
+      nnx.update(hybrid.model, state["params"])
+      hybrid.refresh()
+      weights = {int(d): w for d, w in saved["fusion_weights"].items()}
+      print(f"Restored the stage-1 model from {checkpointer.directory}/{step}")
+    else:
+      hybrid = fit_hybrid(data, settings, text=text, verbose=True)
+    cf = fit_cf(data, config)
+    if restored is None:
+      weights = tune_fusion(hybrid, cf, data)
+      step = settings.epochs
+      checkpointer.save(step, {"params": nnx.to_pure_dict(nnx.split(hybrid.model)[1])}, None,
+                        meta | {"fusion_weights": {str(d): w for d, w in weights.items()}})
+  finally:
+    checkpointer.close()
+  model = Stage1Model(hybrid, cf, weights)
+  results = {}
+  for split in ("valid", "test"):
+    if not data.mask((split,)).any():
+      continue
+    results = evaluate(model, data, split)
+    if jax.process_index() == 0:
+      with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "split": split, "metrics": results}) + "\n")
+      print(f"\n[stage 1] {split} metrics (ours vs baseline):\n{format_table(results)}")
+  if weights:
+    print("fusion weights (tuned on valid): " + ", ".join(
+        f"{data.names[d]} {w}" for d, w in weights.items()))
+  return {"step": step, "metrics": results}

@@ -23,10 +23,17 @@ DEFAULT_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 
 @jax.jit
 def zscore_rows(scores):
+  """Per-row z-scores. Items a model cannot score (e.g. EASE's float32-minimum for items
+  without train interactions, anything below -1e30) are left out of the mean and std and
+  placed just below the row's lowest scored item."""
   scores = scores.astype(jnp.float32)
-  mean = scores.mean(1, keepdims=True)
-  std = scores.std(1, keepdims=True)
-  return (scores - mean) / jnp.maximum(std, 1e-6)
+  scored = scores > -1e30
+  n = jnp.maximum(scored.sum(1, keepdims=True), 1)
+  mean = jnp.where(scored, scores, 0.0).sum(1, keepdims=True) / n
+  var = jnp.where(scored, (scores - mean) ** 2, 0.0).sum(1, keepdims=True) / n
+  z = (scores - mean) / jnp.maximum(jnp.sqrt(var), 1e-6)
+  floor = jnp.where(scored, z, jnp.inf).min(1, keepdims=True) - 1.0
+  return jnp.where(scored, z, jnp.where(jnp.isfinite(floor), floor, 0.0))
 
 
 def fuse(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> jax.Array:

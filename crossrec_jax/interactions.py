@@ -33,6 +33,7 @@ class InteractionData:
   domains: list[dict]              # name, task, min_rating, max_rating
   item_ids: list[list[str]]        # per domain, catalog order
   item_texts: list[str]            # global item order
+  item_tags: list[list[str]]       # global item order: categorical side features
   user_keys: list[str]
   user: np.ndarray                 # per interaction
   domain: np.ndarray
@@ -53,9 +54,10 @@ class InteractionData:
         with np.load(cache, allow_pickle=False) as z:
           sizes = z["domain_sizes"]
           flat_ids, texts = list(z["item_ids"]), list(z["item_texts"])
+          tags = [t.split("|") if t else [] for t in z["item_tags"]]
           bounds = np.concatenate([[0], np.cumsum(sizes)])
           return cls(domains, [flat_ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
-                     texts, list(z["user_keys"]), z["user"], z["domain"], z["item"], z["label"],
+                     texts, tags, list(z["user_keys"]), z["user"], z["domain"], z["item"], z["label"],
                      z["order"], z["split"])
       except (OSError, ValueError, KeyError):
         pass  # unreadable: read the records again and rewrite it
@@ -65,6 +67,7 @@ class InteractionData:
       np.savez(tmp, domain_sizes=np.array([len(x) for x in data.item_ids]),
                item_ids=np.array([i for x in data.item_ids for i in x], dtype=str),
                item_texts=np.array(data.item_texts, dtype=str),
+               item_tags=np.array(["|".join(t) for t in data.item_tags], dtype=str),
                user_keys=np.array(data.user_keys, dtype=str), user=data.user, domain=data.domain,
                item=data.item, label=data.label, order=data.order, split=data.split.astype(str))
       os.replace(tmp, cache)
@@ -78,12 +81,14 @@ class InteractionData:
     names = [d["name"] for d in domains]
     per_domain = [[] for _ in names]
     texts = [[] for _ in names]
+    tags = [[] for _ in names]
     items = sources["items"]
     for n in range(len(items)):
       r = items[n]
       d = names.index(decode_text(r["domain"]))
       per_domain[d].append(decode_text(r["item_id"]))
       texts[d].append(decode_text(r["item_text"]))
+      tags[d].append([decode_text(t) for t in r["item_tags"]])
     columns = collections.defaultdict(list)
     for split in _SPLITS:
       if split not in sources:
@@ -97,11 +102,11 @@ class InteractionData:
           columns["label"].append(float(r["label"]))
           columns["order"].append(float(r["order"]))
           columns["split"].append(split)
-    return cls.from_columns(domains, per_domain, texts, **columns)
+    return cls.from_columns(domains, per_domain, texts, item_tags=tags, **columns)
 
   @classmethod
   def from_columns(cls, domains, item_ids, item_texts, *, user_key, domain, item_id, label, order,
-                   split) -> "InteractionData":
+                   split, item_tags=None) -> "InteractionData":
     names = [d["name"] for d in domains]
     offsets = np.concatenate([[0], np.cumsum([len(x) for x in item_ids])])
     index = {(d, i): offsets[k] + c for k, (d, ids) in enumerate(zip(names, item_ids))
@@ -110,7 +115,9 @@ class InteractionData:
     user_index = {k: n for n, k in enumerate(user_keys)}
     return cls(
         domains=list(domains), item_ids=[list(x) for x in item_ids],
-        item_texts=[t for x in item_texts for t in x], user_keys=user_keys,
+        item_texts=[t for x in item_texts for t in x],
+        item_tags=[list(t) for x in (item_tags or [[[] for _ in ids] for ids in item_ids])
+                   for t in x], user_keys=user_keys,
         user=np.array([user_index[u] for u in user_key], np.int64),
         domain=np.array([names.index(d) for d in domain], np.int64),
         item=np.array([index[(d, i)] for d, i in zip(domain, item_id)], np.int64),

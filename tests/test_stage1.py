@@ -243,3 +243,10 @@ def test_stage1_training_run_beats_its_baselines_checkpoints_and_restores(tmp_pa
   again = train.train_and_evaluate(config, tmp_path / "run")
   assert "Restored the stage-1 model" in capsys.readouterr().out
   assert again["metrics"] == first["metrics"]
+
+
+def test_zscore_ignores_unscorable_items():
+  scores = np.array([[1.0, 2.0, 3.0, np.finfo(np.float32).min]], np.float32)
+  z = np.asarray(fusion.zscore_rows(scores))
+  np.testing.assert_allclose(z[0, :3], [-1.2247449, 0.0, 1.2247449], atol=1e-5)
+  assert z[0, 3] < z[0, 0] and np.isfinite(z[0, 3])

@@ -32,7 +32,7 @@ DEFAULT_DATA_DIR = os.environ.get("CROSSREC_DATA_DIR", str(pathlib.Path("~/.cach
 _EXAMPLE_DEFAULTS = {
     "user_key": "", "domain": "", "domain_index": 0, "item_id": "", "item_text": "",
     "label": 0.0, "profile": "", "order": 0.0, "cold": False, "history_items": [],
-    "user_in_train": False, "item_in_train": False, "raw_user_id": "",
+    "user_in_train": False, "item_in_train": False, "raw_user_id": "", "item_tags": [],
 }
 
 
@@ -70,7 +70,8 @@ class CrossDomain(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "Initial release.",
                    "1.1.0": "history split: context-only interactions (no profile), so the "
-                            "whole interaction log can be read back from the data set."}
+                            "whole interaction log can be read back from the data set; "
+                            "item_tags (categorical side features)."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()
@@ -83,6 +84,7 @@ class CrossDomain(tfds.core.GeneratorBasedBuilder):
             "item_id": text, "item_text": text, "label": scalar(np.float32),
             "profile": text, "order": scalar(np.float64), "cold": scalar(np.bool_),
             "history_items": tfds.features.Sequence(text),
+            "item_tags": tfds.features.Sequence(text),
             "user_in_train": scalar(np.bool_), "item_in_train": scalar(np.bool_),
             "raw_user_id": text,
         }),

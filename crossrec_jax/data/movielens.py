@@ -52,14 +52,16 @@ def read_movielens(directory) -> tuple[list[Interaction], dict[tuple[str, str], 
         raise DataError(f"{directory / 'u.item'}:line {n}: expected {5 + len(ML100K_GENRES)} "
                         f"'|'-separated fields, got {len(parts)}")
       genres = [g for g, flag in zip(ML100K_GENRES, parts[5:]) if flag.strip() == "1"]
-      items[(DOMAIN, parts[0])] = Item(parts[0], DOMAIN, f"{parts[1]}. {', '.join(genres)}")
+      items[(DOMAIN, parts[0])] = Item(parts[0], DOMAIN, f"{parts[1]}. {', '.join(genres)}",
+                                       tuple(genres))
   elif (directory / "ratings.dat").exists():  # ml-1m
     interactions = _ratings(directory / "ratings.dat", "::")
     for n, line in _lines(directory / "movies.dat", "latin-1"):
       parts = line.split("::")
       if len(parts) != 3:
         raise DataError(f"{directory / 'movies.dat'}:line {n}: expected id::title::genres")
-      items[(DOMAIN, parts[0])] = Item(parts[0], DOMAIN, f"{parts[1]}. {parts[2].replace('|', ', ')}")
+      items[(DOMAIN, parts[0])] = Item(parts[0], DOMAIN, f"{parts[1]}. {parts[2].replace('|', ', ')}",
+                                       tuple(g for g in parts[2].split("|") if g))
   else:
     raise DataError(f"{directory}: neither u.data (ml-100k) nor ratings.dat (ml-1m) found")
   return interactions, items

@@ -226,7 +226,8 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
       }
       examples[split].append(record)
 
-  item_records = [{"domain": d, "item_id": i, "item_text": it.text, "domain_index": index[d],
+  item_records = [{"domain": d, "item_id": i, "item_text": it.text, "item_tags": list(it.tags),
+                   "domain_index": index[d],
                    "item_in_train": (d, i) in train_items}
                   for (d, i), it in sorted(items.items()) if d in index]
   return {"examples": examples, "items": item_records, "domains": specs,

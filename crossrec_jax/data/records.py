@@ -18,6 +18,7 @@ from typing import Any, Iterator
 SPLITS = ("train", "valid", "test", "history")
 INTERACTION_COLUMNS = ("user_id", "domain", "item_id", "label")
 ITEM_COLUMNS = ("item_id", "domain")
+TAGS_COLUMN = "tags"
 FORMATS = (".csv", ".jsonl", ".parquet")
 
 
@@ -41,6 +42,7 @@ class Item:
   item_id: str
   domain: str
   text: str
+  tags: tuple[str, ...] = ()   # categorical side features (genres, categories), not text
 
 
 @dataclasses.dataclass
@@ -178,11 +180,12 @@ def _text(value) -> str:
 
 def read_items(path: pathlib.Path, *, bad_rows: str = "fail",
                report: ValidationReport | None = None) -> dict[tuple[str, str], Item]:
-  """Items keyed by (domain, item_id). Text = the non-empty text columns joined with '. '."""
+  """Items keyed by (domain, item_id). Text = the non-empty text columns joined with '. ';
+  a ``tags`` column ('|'-separated, e.g. genres) is read as categorical side features."""
   policy = _RowPolicy(bad_rows, report or ValidationReport())
   names, rows = iter_rows(path)
   _require_columns(path, names, ITEM_COLUMNS)
-  text_columns = [n for n in names if n not in ITEM_COLUMNS]
+  text_columns = [n for n in names if n not in ITEM_COLUMNS and n != TAGS_COLUMN]
   items: dict[tuple[str, str], Item] = {}
   for place, row in rows:
     if _malformed(row, place, names, policy):
@@ -198,7 +201,8 @@ def read_items(path: pathlib.Path, *, bad_rows: str = "fail",
                  f"again with different text ({items[key].text[:40]!r} vs {text[:40]!r}); "
                  "keep one row per item")
       continue
-    items[key] = Item(item_id, domain, text)
+    tags = tuple(t.strip() for t in _text(row.get(TAGS_COLUMN)).split("|") if t.strip())
+    items[key] = Item(item_id, domain, text, tags)
   if not items:
     raise DataError(f"{path}: no valid item rows")
   return items

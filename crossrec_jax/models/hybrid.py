@@ -3,8 +3,10 @@
 score(u, i, d) = mu_d + b_{u,d} + b_i + <user_d(u), item(i)>
 
 item(i)   = q_i (ID factors) + W_item · text_i (frozen encoder vector of the item text)
+          + mean of the item's tag embeddings (side features such as genres)
 user_d(u) = p_u (ID factors; zero for a user unknown to training)
-          + g_d · |N_d|^-1/2 Σ_{j∈N_d} y_j + g'_d · |N_o|^-1/2 Σ_{j∈N_o} y_j
+          + g_d · |N_d|^-1/2 Σ_{j∈N_d} y_j + g'_d · |N_o|^-1/2 Σ_{j∈N_o} y_j,
+            y_j = y_j (ID) + W_history · text_j
           + MLP_d([mean text of N_d, mean text of N_o])
           + W_profile · profile_u                                        (optional)
 
@@ -30,12 +32,15 @@ class HybridConfig:
   num_items: int
   num_domains: int
   text_dim: int = 0                 # 0: no text vectors
+  num_tags: int = 0                 # categorical item side features (0: none)
   dim: int = 64
   use_biases: bool = True
-  use_ids: bool = True              # p_u and q_i
+  use_ids: bool = True              # q_i (and p_u when use_user_ids)
+  use_user_ids: bool = True         # p_u: off when evaluation users are unknown to training
   use_history: bool = True          # implicit-feedback term over the history (y_j)
   use_text: bool = True             # item text projection
   use_history_text: bool = True     # MLP over the mean text vectors of the histories
+  history_text_projection: bool = True  # y_j += W_history · text_j (text-aware history factors)
   use_profile: bool = False         # projection of the profile text vector
   cross_domain: bool = True         # other domains' history as a separate gated signal
   mlp_hidden: int = 256
@@ -59,6 +64,7 @@ class HybridRecommender(nnx.Module):
     # Row num_users / num_items is the "unknown" / padding row: kept at zero by masking.
     self.user_factors = nnx.Param(_normal(rngs, (c.num_users + 1, c.dim), 0.01))
     self.item_factors = nnx.Param(_normal(rngs, (c.num_items + 1, c.dim), 0.01))
+    self.tag_embeddings = nnx.Param(_normal(rngs, (max(c.num_tags, 1), c.dim), 0.01))
     self.history_factors = nnx.Param(_normal(rngs, (c.num_items + 1, c.dim), 0.01))
     self.history_gates = nnx.Param(jnp.stack([jnp.ones(c.num_domains),
                                               jnp.full(c.num_domains, 0.5)], -1))
@@ -68,11 +74,13 @@ class HybridRecommender(nnx.Module):
       self.history_mlp_in = nnx.Linear(2 * c.text_dim + 2 + c.num_domains, c.mlp_hidden, rngs=rngs)
       self.history_mlp_out = nnx.Linear(c.mlp_hidden, c.dim, rngs=rngs,
                                         kernel_init=nnx.initializers.normal(0.01))
+      self.history_text = nnx.Linear(c.text_dim, c.dim, use_bias=False, rngs=rngs,
+                                     kernel_init=nnx.initializers.normal(0.01))
       self.profile_text = nnx.Linear(c.text_dim, c.dim, use_bias=False, rngs=rngs,
                                      kernel_init=nnx.initializers.normal(0.01))
 
   # --------------------------------------------------------------------------------- towers
-  def item_vectors(self, text, items=None, item_delta=None):
+  def item_vectors(self, text, items=None, item_delta=None, tags=None):
     """[n, dim] item vectors (all items when ``items`` is None) and their biases."""
     c = self.config
     q = self.item_factors.value if items is None else self.item_factors.value[items]
@@ -80,6 +88,8 @@ class HybridRecommender(nnx.Module):
     if c.use_text and c.text_dim:
       t = text if items is None else text[items]
       vec = vec + self.item_text(t)
+    if c.num_tags and tags is not None:   # tags: [num_items + 1, num_tags], rows sum to 1
+      vec = vec + (tags if items is None else tags[items]) @ self.tag_embeddings.value
     if item_delta is not None:
       vec = vec + item_delta
     bias = self.item_bias.value if items is None else self.item_bias.value[items]
@@ -110,6 +120,8 @@ class HybridRecommender(nnx.Module):
     vec = jnp.zeros((at.shape[0], c.dim))
     if c.use_history:
       y = self.history_factors.value
+      if c.history_text_projection and c.text_dim and c.use_text:
+        y = y + self.history_text(text)   # also gives rarely seen history items a factor
       y_same = pooled(y, same)[at] - own * y[own_item]
       y_other = pooled(y, other)[at]
       gates = self.history_gates.value[dom][at]                    # [B, 2]
@@ -125,7 +137,7 @@ class HybridRecommender(nnx.Module):
     if c.use_profile and c.text_dim and profile is not None:
       vec = vec + self.profile_text(profile[batch["hist_profile"]])[at]
     user = batch["user"]                                           # num_users when unknown
-    if c.use_ids:
+    if c.use_ids and c.use_user_ids:
       vec = vec + self.user_factors.value[user] * (user < c.num_users)[:, None]
     if user_delta is not None:
       vec = vec + user_delta

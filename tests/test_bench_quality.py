@@ -1,47 +1,16 @@
-"""benchmarks/bench_quality.py: its baselines against direct formulas, and one whole run on a
-bring-your-own directory (explicit and implicit domains) with the tiny model."""
+"""benchmarks/bench_quality.py: whole runs on bring-your-own directories (explicit and implicit
+domains; with and without text columns) with the tiny encoder, the JSON rows, and its flags."""
 
 import json
 import pathlib
 import sys
 
-import numpy as np
 import pytest
-import scipy.sparse as sp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_quality  # pylint: disable=wrong-import-position
 
 from crossrec_jax.data import SyntheticConfig, synthetic  # pylint: disable=wrong-import-position
-
-
-def test_ease_matches_the_closed_form():
-  rng = np.random.default_rng(0)
-  dense = (rng.random((40, 12)) < 0.3).astype(float)
-  dense[:, 5] = 0  # an item nobody touched stays out of the solve
-  X = sp.csr_matrix(dense)
-  active, B = bench_quality.ease_weights(X, lam=3.0)
-  assert 5 not in active
-  Xa = X[:, active].toarray()
-  P = np.linalg.inv(Xa.T @ Xa + 3.0 * np.eye(len(active)))
-  expected = np.eye(len(active)) - P / np.diag(P)
-  np.testing.assert_allclose(B, expected, atol=1e-5)
-  assert np.all(np.diag(B) == 0)
-
-
-def test_biased_mf_recovers_a_low_rank_rating_matrix():
-  rng = np.random.default_rng(0)
-  n_users, n_items, rank = 60, 50, 2
-  truth = 3.0 + rng.normal(0, 0.3, (n_users, 1)) + rng.normal(0, 0.3, (1, n_items)) + \
-      rng.normal(0, 0.7, (n_users, rank)) @ rng.normal(0, 0.7, (rank, n_items))
-  seen = rng.random((n_users, n_items)) < 0.7
-  u, i = np.nonzero(seen)
-  test_u, test_i = np.nonzero(~seen)
-  mf = bench_quality.fit_biased_mf(u, i, truth[u, i], n_users, n_items, rank=2, reg=0.01)
-  bias = bench_quality.fit_biases(u, i, truth[u, i], n_users, n_items, reg=1.0)
-  mf_rmse = np.sqrt(np.mean((mf(test_u, test_i) - truth[test_u, test_i]) ** 2))
-  bias_rmse = np.sqrt(np.mean((bias(test_u, test_i) - truth[test_u, test_i]) ** 2))
-  assert mf_rmse < 0.05 and bias_rmse > 0.5, (mf_rmse, bias_rmse)
 
 
 @pytest.fixture(scope="module")
@@ -50,39 +19,58 @@ def byo_dir(tmp_path_factory):
                           SyntheticConfig(num_users=60, items_per_domain=24, seed=0))
 
 
-def test_whole_run_on_a_bring_your_own_directory(byo_dir, tiny_checkpoint, tmp_path, capsys):
+def _run(data_dir, tiny_checkpoint, tmp_path, *extra):
+  out = tmp_path / "rows.json"
   bench_quality.main([
-      "--data", str(byo_dir), "--workdir", str(tmp_path), "--model", str(tiny_checkpoint),
-      "--steps", "2", "--batch_size", "8", "--user_max_length", "16", "--item_max_length", "8",
-      "--dim", "32", "--mf_ranks", "2", "--mf_regs", "0.1", "--bias_regs", "5",
-      "--ease_lambdas", "10", "20", "--bpr_epochs", "1"])
+      "--data", str(data_dir), "--data_dir", str(tmp_path / "tfds"), "--model", str(tiny_checkpoint),
+      "--text_cache", str(tmp_path / "text"), "--json", str(out), "--mf_ranks", "2",
+      "--mf_regs", "0.1", "--bias_regs", "5", "--knn_k", "5", "20", "--knn_shrink", "0", "10",
+      "--set", "epochs=2", *extra])
+  return json.loads(out.read_text())["rows"]
+
+
+def test_whole_run_on_a_bring_your_own_directory(byo_dir, tiny_checkpoint, tmp_path, capsys):
+  rows = _run(byo_dir, tiny_checkpoint, tmp_path)
   out = capsys.readouterr().out
-  results = json.loads((tmp_path / "results.json").read_text())
-  # Explicit domains get the rating table, the implicit one the ranking table.
-  assert set(results["rating"]) == {"books", "movies"}
-  methods = {"global mean", "user+item bias", "biased MF (ALS)",
-             "ours, trained on this domain only", "ours, all domains (text + ID)"}
-  for domain, rows in results["rating"].items():
-    assert set(rows) == methods, domain
-    assert all(0 < m["rmse"] < 4 and m["mae"] <= m["rmse"] for m in rows.values())
-    assert rows["biased MF (ALS)"]["params"] == {"rank": 2, "reg": 0.1}
-  ranking = results["ranking"]
-  assert set(ranking) == {"popularity", "item-kNN (cross-domain history)", "EASE (per domain)",
-                          "ID-only MF (BPR)", "ours, trained on this domain only",
-                          "ours, all domains (text + ID)"}
-  n = ranking["popularity"]["music"]["n"]
-  for rows in ranking.values():
-    m = rows["music"]
-    assert m["n"] == n and 0 <= m["ndcg@10"] <= m["hr@10"] <= 1
-  assert "music HR@10" in out and "movies (explicit" in out
-  # Each model trained on the data it was meant to see.
-  def evaluated_domains(run):
-    lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-    test = [json.loads(x) for x in lines if json.loads(x)["split"] == "test"][-1]
-    return {k for k in test["metrics"] if "/" not in k}
-  assert evaluated_domains("ours_music_only") == {"music"}
-  assert evaluated_domains("ours_books_only") == {"books"}
-  assert evaluated_domains("ours_all_domains") == {"books", "movies", "music"}
+  assert "movies (explicit" in out and "music HR@10" in out
+  methods = lambda domain: {r["method"] for r in rows if r["domain"] == domain}  # noqa: E731
+  rating = {"global mean", "item mean", "user+item bias", "biased MF (ALS)", "I-AutoRec",
+            "ours (hybrid: text + ID + history)", "ours without text", "ours without implicit term",
+            "ours without biases", "ours with APR", "ours, ensemble (hybrid + I-AutoRec, mean)"}
+  assert methods("books") == methods("movies") == rating
+  ranking = {"popularity", "item-kNN", "EASE", "BPR (ID only)",
+             "ours, neural alone (text + ID + history)", "ours, text only", "ours, ID only",
+             "ours, target-domain history only", "CF fusion: item-kNN + EASE (no neural part)",
+             "ours, served: item-kNN + EASE + neural (fused)"}
+  assert methods("music") == methods("all") == ranking   # one implicit domain: no single-domain row
+  for r in rows:
+    assert r["metric"] in {"rmse", "mae", "hr@10", "ndcg@10"}
+    assert r["ours"] == r["method"].startswith("ours"), r
+    assert 0 <= r["value"] <= (5 if r["metric"] in ("rmse", "mae") else 1), r
+  whole = [r for r in rows if "slice" not in r]
+  assert len(whole) == len({(r["method"], r["domain"], r["metric"]) for r in whole})
+  # The totals over all implicit targets equal the one implicit domain's figures here.
+  for m in ranking:
+    for metric in ("hr@10", "ndcg@10"):
+      pick = lambda d: next(r["value"] for r in whole  # noqa: E731
+                            if (r["method"], r["domain"], r["metric"]) == (m, d, metric))
+      assert pick("all") == pytest.approx(pick("music"))
+
+
+def test_a_folder_without_text_or_split_columns_runs_unchanged(byo_dir, tiny_checkpoint, tmp_path):
+  plain = tmp_path / "plain"
+  plain.mkdir()
+  items = (byo_dir / "items.csv").read_text().splitlines()
+  header = items[0].split(",")
+  keep = [header.index("item_id"), header.index("domain")]
+  (plain / "items.csv").write_text("\n".join(
+      ",".join(row.split(",")[k] for k in keep) for row in items) + "\n")
+  interactions = (byo_dir / "interactions.csv").read_text()
+  assert "split" not in interactions.splitlines()[0]
+  (plain / "interactions.csv").write_text(interactions)
+  rows = _run(plain, tiny_checkpoint, tmp_path, "--no_ablations")
+  assert {"ours (hybrid: text + ID + history)", "ours, served: item-kNN + EASE + neural (fused)"} <= {
+      r["method"] for r in rows}
 
 
 def test_missing_data_directory_is_a_clear_error(tmp_path):
@@ -90,16 +78,10 @@ def test_missing_data_directory_is_a_clear_error(tmp_path):
     bench_quality.main(["--data", str(tmp_path / "absent"), "--skip_model"])
 
 
-def test_config_overrides_reach_the_training_config(tmp_path):
-  args = bench_quality.parse_args([
-      "--data", str(tmp_path), "--workdir", str(tmp_path),
-      "--set", "optim.freeze_encoder_layers=-1", "--set", "adversarial.method=none",
-      "--set", "loss.rating_weight=3"])
-  config = bench_quality.model_config(args, tmp_path, "byo")
-  assert config.optim.freeze_encoder_layers == -1
-  assert config.adversarial.method == "none"
-  assert config.loss.rating_weight == 3.0 and isinstance(config.loss.rating_weight, float)
-  for bad, message in (("optim.no_such_field=1", "no config field"), ("optim.learning_rate", "KEY=VALUE")):
+def test_model_overrides_are_checked(tmp_path):
+  args = bench_quality.parse_args(["--data", str(tmp_path), "--set", "dim=16", "--set",
+                                   "hybrid.adversarial=apr", "--set", "learning_rate=1e-3"])
+  assert args.set == {"dim": 16, "adversarial": "apr", "learning_rate": 1e-3}
+  for bad, message in (("no_such_field=1", "no field"), ("dim", "KEY=VALUE")):
     with pytest.raises(SystemExit, match=message):
-      bench_quality.model_config(bench_quality.parse_args(
-          ["--data", str(tmp_path), "--set", bad]), tmp_path, "byo")
+      bench_quality.parse_args(["--data", str(tmp_path), "--set", bad])

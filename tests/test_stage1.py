@@ -250,3 +250,7 @@ def test_zscore_ignores_unscorable_items():
   z = np.asarray(fusion.zscore_rows(scores))
   np.testing.assert_allclose(z[0, :3], [-1.2247449, 0.0, 1.2247449], atol=1e-5)
   assert z[0, 3] < z[0, 0] and np.isfinite(z[0, 3])
+  # The end-to-end scorer refuses a stage-1 checkpoint with a message that says what to do.
+  from crossrec_jax import score  # pylint: disable=import-outside-toplevel
+  with pytest.raises(score.ScoringError, match="stage-1"):
+    score.Scorer.from_checkpoint(tmp_path / "run")

@@ -384,7 +384,7 @@ def main(argv=None):
   splits = dict(zip(*np.unique(data.split, return_counts=True)))
   print(f"data: {data.num_users} users, " + ", ".join(
       f"{s['name']} ({s['task']}) {len(ids)} items" for s, ids in zip(data.domains, data.item_ids)) +
-        f"; interactions by split { {k: int(v) for k, v in splits.items()} } "
+        f"; interactions by split { {str(k): int(v) for k, v in splits.items()} } "
         f"({time.time() - t0:.0f}s)", flush=True)
   text = None
   if not args.skip_model:

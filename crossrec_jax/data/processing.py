@@ -226,6 +226,8 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
       }
       examples[split].append(record)
 
+  if not examples["history"]:
+    del examples["history"]  # only data with a given `history` split has context-only rows
   item_records = [{"domain": d, "item_id": i, "item_text": it.text, "item_tags": list(it.tags),
                    "domain_index": index[d],
                    "item_in_train": (d, i) in train_items}

@@ -243,6 +243,10 @@ def test_stage1_training_run_beats_its_baselines_checkpoints_and_restores(tmp_pa
   again = train.train_and_evaluate(config, tmp_path / "run")
   assert "Restored the stage-1 model" in capsys.readouterr().out
   assert again["metrics"] == first["metrics"]
+  # The end-to-end scorer refuses a stage-1 checkpoint with a message that says what to do.
+  from crossrec_jax import score  # pylint: disable=import-outside-toplevel
+  with pytest.raises(score.ScoringError, match="stage-1"):
+    score.Scorer.from_checkpoint(tmp_path / "run")
 
 
 def test_zscore_ignores_unscorable_items():
@@ -250,7 +254,3 @@ def test_zscore_ignores_unscorable_items():
   z = np.asarray(fusion.zscore_rows(scores))
   np.testing.assert_allclose(z[0, :3], [-1.2247449, 0.0, 1.2247449], atol=1e-5)
   assert z[0, 3] < z[0, 0] and np.isfinite(z[0, 3])
-  # The end-to-end scorer refuses a stage-1 checkpoint with a message that says what to do.
-  from crossrec_jax import score  # pylint: disable=import-outside-toplevel
-  with pytest.raises(score.ScoringError, match="stage-1"):
-    score.Scorer.from_checkpoint(tmp_path / "run")

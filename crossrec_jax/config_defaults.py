@@ -28,20 +28,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage = "end_to_end"
   # Stage-1 model: None keeps the measured default for the data's kind
   # (cached_training.EXPLICIT / IMPLICIT); any field of cached_training.HybridSettings.
-  c.hybrid = ml_collections.ConfigDict(dict(
-      dim=ml_collections.config_dict.placeholder(int),
-      epochs=ml_collections.config_dict.placeholder(int),
-      batch_size=ml_collections.config_dict.placeholder(int),
-      learning_rate=ml_collections.config_dict.placeholder(float),
-      use_text=ml_collections.config_dict.placeholder(bool),
-      use_history=ml_collections.config_dict.placeholder(bool),
-      use_history_text=ml_collections.config_dict.placeholder(bool),
-      use_ids=ml_collections.config_dict.placeholder(bool),
-      use_biases=ml_collections.config_dict.placeholder(bool),
-      cross_domain=ml_collections.config_dict.placeholder(bool),
-      adversarial=ml_collections.config_dict.placeholder(str),
-      adversarial_eps=ml_collections.config_dict.placeholder(float),
-      adversarial_weight=ml_collections.config_dict.placeholder(float)))
+  placeholder = ml_collections.config_dict.placeholder
+  c.hybrid = ml_collections.ConfigDict({name: placeholder(kind) for name, kind in (
+      ("dim", int), ("epochs", int), ("batch_size", int), ("learning_rate", float),
+      ("num_negatives", int), ("use_text", bool), ("use_history", bool),
+      ("use_history_text", bool), ("use_ids", bool), ("use_biases", bool), ("use_tags", bool),
+      ("cross_domain", bool), ("adversarial", str), ("adversarial_eps", float),
+      ("adversarial_weight", float))})
   # CF + deep fusion of stage 1 (implicit domains; weights tuned on valid).
   c.fusion = ml_collections.ConfigDict(dict(
       components=("item_knn", "ease"), knn_k=100, knn_shrink=20.0, ease_lambda=30.0))

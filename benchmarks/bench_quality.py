@@ -34,11 +34,12 @@ import time
 
 import jax
 import numpy as np
+import scipy.sparse as sp
 
 from crossrec_jax import baselines as bl
 from crossrec_jax import config_defaults, fusion, metrics, ranking, text_cache, train
 from crossrec_jax.cached_training import HybridSettings, fit_hybrid
-from crossrec_jax.interactions import InteractionData
+from crossrec_jax.interactions import InteractionData, Queries
 
 COLD_ITEM_MAX_TRAIN = 2  # a target whose item has at most this many train interactions is "cold"
 
@@ -152,8 +153,6 @@ def rating_section(data: InteractionData, text, args, results: Results, names):
 
 
 def _concat(per_domain):
-  from crossrec_jax.interactions import Queries  # pylint: disable=import-outside-toplevel
-  import scipy.sparse as sp  # pylint: disable=import-outside-toplevel
   qs = list(per_domain.values())
   return Queries(*(np.concatenate([getattr(q, f) for q in qs]) for f in
                    ("user", "domain", "item", "label")),

@@ -88,6 +88,7 @@ def evaluate(model: Stage1Model, data: InteractionData, split: str, k: int = 10
   """Per domain: ours (fused where fused) next to popularity / item-mean on the same targets."""
   results = {}
   popularity = data.item_counts()
+  item_mean = None
   for d, spec in enumerate(data.domains):
     if not data.mask((split,), d).any():
       continue
@@ -95,7 +96,8 @@ def evaluate(model: Stage1Model, data: InteractionData, split: str, k: int = 10
       q = data.queries(split, d, context=model.hybrid.context)
       lo, hi = spec["min_rating"], spec["max_rating"]
       pred = np.clip(model.score_pairs(q), lo, hi)
-      base = bl.ItemMean().fit(data).score_pairs(q)
+      item_mean = item_mean or bl.ItemMean().fit(data)
+      base = item_mean.score_pairs(q)
       results[spec["name"]] = {"n": len(q), "rmse": metrics.rmse(pred, q.label),
                                "mae": metrics.mae(pred, q.label),
                                "baseline_rmse": metrics.rmse(base, q.label),
@@ -125,12 +127,13 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   meta = json.loads(json.dumps({"config": config.to_dict(), "model": model_meta}, default=list))
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
   try:
-    # The untrained model gives the checkpoint's structure; epochs=0 trains nothing.
-    hybrid = fit_hybrid(data, dataclasses.replace(settings, epochs=0), text=text, verbose=False)
-    _, params = nnx.split(hybrid.model)
-    abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                       nnx.to_pure_dict(params))}
-    restored = checkpointer.restore(abstract, expected_meta=meta) if checkpointer.all_steps() else None
+    restored = None
+    if checkpointer.all_steps():
+      # The untrained model gives the checkpoint's structure; epochs=0 trains nothing.
+      hybrid = fit_hybrid(data, dataclasses.replace(settings, epochs=0), text=text, verbose=False)
+      abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                         nnx.to_pure_dict(nnx.split(hybrid.model)[1]))}
+      restored = checkpointer.restore(abstract, expected_meta=meta)
     if restored is not None:
       step, state, _, saved = restored
       nnx.update(hybrid.model, state["params"])

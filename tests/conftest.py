@@ -3,7 +3,10 @@ tests run on a real 8-device mesh while single-device tests use ``jax.devices()[
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Appended, not set-if-absent: a CI runner's own XLA_FLAGS must not silently drop the 8 devices
+# (a later flag overrides an earlier one, so ours wins over a different device count).
+os.environ["XLA_FLAGS"] = " ".join(
+    filter(None, [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is fetched from a hub in tests
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -2,7 +2,10 @@
 
 ``loss_of_embeds(embeds) -> (loss, predictions)`` is the model's loss as a function of the
 word embeddings (a dict of [B, T, H] arrays). Perturbations are normalised per example over
-(T, H) and never exceed ``eps`` in L2 norm.
+(T, H) and never exceed ``eps`` in L2 norm. They are computed in float32 and added to a
+float32 copy of the embeddings, whatever the model's compute dtype: with bf16 embeddings a
+perturbation of ~1e-4 per coordinate would mostly round away (and bend its direction). The
+perturbed float32 embeddings go into the model, which casts after its embedding LayerNorm.
 
 - ``fgm``: one step r = eps * g / ||g||; objective (1 - w) * L(x) + w * L(x + r)
   (Goodfellow et al.'s mixture, so w interpolates between clean and adversarial training).
@@ -27,36 +30,41 @@ def _per_example_norm(x):
                           keepdims=True))
 
 
+def _f32(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
 def normalize(g, eps):
-  """eps * g / ||g|| per example (zero where g is zero)."""
-  norm = _per_example_norm(g)
-  return (eps * g / jnp.maximum(norm, 1e-12)).astype(g.dtype)
+  """eps * g / ||g|| per example (zero where g is zero), in float32."""
+  g = g.astype(jnp.float32)
+  return eps * g / jnp.maximum(_per_example_norm(g), 1e-12)
 
 
 def project(r, eps):
-  """Projects each example of r onto the L2 ball of radius eps."""
-  norm = _per_example_norm(r)
-  return (r * jnp.minimum(1.0, eps / jnp.maximum(norm, 1e-12))).astype(r.dtype)
+  """Projects each example of r onto the L2 ball of radius eps, in float32."""
+  r = r.astype(jnp.float32)
+  return r * jnp.minimum(1.0, eps / jnp.maximum(_per_example_norm(r), 1e-12))
 
 
-def _add(embeds, r):
-  return jax.tree.map(lambda e, d: e + d, embeds, r)
+def perturb(embeds, r):
+  """embeds + r in float32 (the model casts to its compute dtype after the embedding sum)."""
+  return jax.tree.map(lambda e, d: e.astype(jnp.float32) + d.astype(jnp.float32), embeds, r)
 
 
 def fgm_perturbation(loss_of_embeds, embeds, eps):
-  g = jax.grad(lambda e: loss_of_embeds(e)[0])(jax.lax.stop_gradient(embeds))
+  g = jax.grad(lambda e: loss_of_embeds(e)[0])(_f32(jax.lax.stop_gradient(embeds)))
   return jax.tree.map(lambda x: jax.lax.stop_gradient(normalize(x, eps)), g)
 
 
 def pgd_perturbation(loss_of_embeds, embeds, eps, step_size, steps, rng):
-  base = jax.lax.stop_gradient(embeds)
+  base = _f32(jax.lax.stop_gradient(embeds))
   keys = jax.random.split(rng, len(jax.tree.leaves(base)))
   leaves, treedef = jax.tree.flatten(base)
   # Random start inside the ball (as in Madry et al.), then projected normalised ascent.
   r = jax.tree.unflatten(treedef, [project(normalize(jax.random.normal(k, x.shape, x.dtype), eps)
                                            * jax.random.uniform(k, (x.shape[0],) + (1,) * (x.ndim - 1)), eps)
                                    for k, x in zip(keys, leaves)])
-  grad_fn = jax.grad(lambda d: loss_of_embeds(_add(base, d))[0])
+  grad_fn = jax.grad(lambda d: loss_of_embeds(perturb(base, d))[0])
   for _ in range(steps):  # K is small and static: unrolled
     g = grad_fn(r)
     r = jax.tree.map(lambda d, gi: project(d + normalize(gi, step_size), eps), r, g)
@@ -75,12 +83,12 @@ def divergence(adv, clean, rating_scale, task_is_rating, weight):
 
 
 def smart_perturbation(divergence_of_embeds, embeds, eps, step_size, steps, rng, noise):
-  base = jax.lax.stop_gradient(embeds)
+  base = _f32(jax.lax.stop_gradient(embeds))
   leaves, treedef = jax.tree.flatten(base)
   keys = jax.random.split(rng, len(leaves))
   r = jax.tree.unflatten(treedef, [project(noise * jax.random.normal(k, x.shape, x.dtype), eps)
                                    for k, x in zip(keys, leaves)])
-  grad_fn = jax.grad(lambda d: divergence_of_embeds(_add(base, d)))
+  grad_fn = jax.grad(lambda d: divergence_of_embeds(perturb(base, d)))
   for _ in range(steps):
     g = grad_fn(r)
     r = jax.tree.map(lambda d, gi: project(d + normalize(gi, step_size), eps), r, g)
@@ -106,7 +114,7 @@ def regularized_loss(loss_of_embeds: Callable, embeds, adv_config, rng, *,
       r = fgm_perturbation(loss_of_embeds, embeds, eps)
     else:
       r = pgd_perturbation(loss_of_embeds, embeds, eps, adv_config.step_size, adv_config.steps, rng)
-    adv, _ = loss_of_embeds(_add(embeds, r))
+    adv, _ = loss_of_embeds(perturb(embeds, r))
     metrics["loss_adversarial"] = adv
     total = (1.0 - w) * clean + w * adv
   else:
@@ -114,7 +122,7 @@ def regularized_loss(loss_of_embeds: Callable, embeds, adv_config, rng, *,
     div = lambda e: divergence_fn(loss_of_embeds(e)[1], target)
     r = smart_perturbation(div, embeds, eps, adv_config.step_size, adv_config.steps, rng,
                            adv_config.noise)
-    smooth = divergence_fn(loss_of_embeds(_add(embeds, r))[1], predictions)
+    smooth = divergence_fn(loss_of_embeds(perturb(embeds, r))[1], predictions)
     metrics["smoothness"] = smooth
     total = clean + w * smooth
   metrics["perturbation_norm"] = jnp.max(jnp.stack(

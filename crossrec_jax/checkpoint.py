@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from crossrec_jax import sharding
@@ -25,7 +26,11 @@ class Checkpointer:
 
   def __init__(self, directory, *, keep: int = 2, best_metric: str = "", best_mode: str = "max",
                async_save: bool = True):
-    self.directory = pathlib.Path(directory).absolute()
+    # epath keeps gs://bucket/run intact (pathlib would collapse it to gs:/bucket/run).
+    self.directory = epath.Path(directory)
+    if "://" not in str(self.directory):
+      self.directory = self.directory.absolute()
+    self.skipped: list[tuple[int, str]] = []  # (step, why) passed over by the last restore
     preserve = [policies.LatestN(keep)]
     if best_metric:
       preserve.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
@@ -49,6 +54,10 @@ class Checkpointer:
   def wait(self):
     self.manager.wait_until_finished()
 
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process at the same step once any process got SIGTERM (multi-host)."""
+    return self.manager.reached_preemption(step)
+
   def all_steps(self):
     return sorted(self.manager.all_steps())
 
@@ -56,14 +65,15 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored["meta"]
 
-  def restore(self, abstract_state, *, expected_meta: dict[str, Any] | None = None):
+  def restore(self, abstract_state, *, expected_meta: dict[str, Any] | None = None,
+              max_step: int | None = None):
     """Latest restorable checkpoint -> (step, state, data_iter_state bytes, meta) or None.
 
     A corrupt latest checkpoint is reported and the previous one used; an incompatible one
     (other model shape / config) raises ``CheckpointIncompatibleError``: never a silent fresh
     start over existing checkpoints.
     """
-    steps = self.all_steps()
+    steps = [s for s in self.all_steps() if max_step is None or s <= max_step]
     errors = []
     for step in reversed(steps):
       try:
@@ -107,11 +117,16 @@ class Checkpointer:
         log.warning("checkpoint %s/%d is corrupt (%s); trying the previous one", self.directory, step, e)
         continue
       if errors:
-        log.warning("resumed from step %d after skipping unreadable checkpoints: %s", step, errors)
+        self.skipped = [(int(e.split(":")[0].split()[1]), e) for e in errors]
+        newest = self.skipped[0][0]
+        message = (f"WARNING: the newest checkpoint, step {newest} in {self.directory}, is "
+                   f"unreadable; restored step {step} instead. Skipped: {'; '.join(errors)}")
+        log.warning("%s", message)
+        print(message, file=sys.stderr, flush=True)
       data = restored["data_iter"]
       return step, restored["state"], json.dumps(data).encode() if data else None, meta
     if steps:
-      raise RuntimeError(
+      raise CheckpointIncompatibleError(
           f"{self.directory}: no checkpoint could be restored ({'; '.join(errors)}). Move the "
           "directory away to start fresh; it is left untouched.")
     return None

@@ -46,7 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", path="", data_dir="", bad_rows="fail", domains=(),
-      split="auto", ratio=(0.8, 0.1, 0.1), link_secret="crossrec-default-secret",
+      split="auto", ratio=(0.8, 0.1, 0.1),
+      # User-linkage secret: "" resolves it (file / CROSSREC_LINK_SECRET / generated per data
+      # set; see crossrec_jax/data/link_secret.py). Never stored in checkpoints or logs.
+      link_secret="", link_secret_file="",
       mapping_file="", max_profile_items=12, max_items_per_domain=8, max_profile_words=200,
       synthetic_users=400, items_per_domain=120,
       user_max_length=64, item_max_length=24, num_negatives=1,

@@ -150,20 +150,33 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def evaluate_workdir(workdir, split: str = "test", limit: int | None = None) -> dict[str, dict[str, float]]:
-  """Evaluates the latest checkpoint of a training workdir on ``split`` (with baselines)."""
-  import pathlib  # pylint: disable=import-outside-toplevel
+  """Evaluates the latest checkpoint of a training workdir on ``split`` (with baselines).
+
+  Creates nothing: a mistyped workdir is an error, not a new empty run directory.
+  """
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from crossrec_jax import checkpoint as ckpt_lib, train  # pylint: disable=import-outside-toplevel
-  workdir = pathlib.Path(workdir)
+  from crossrec_jax import checkpoint as ckpt_lib, config_check, train  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.cli import ConfigError, UsageError  # pylint: disable=import-outside-toplevel
+  if limit is not None and limit < 0:
+    raise UsageError(f"--limit {limit} must be >= 0 (0: the whole split)")
+  workdir = config_check.check_workdir(workdir, must_exist=True)
+  if not (workdir / "checkpoints").is_dir():
+    raise ConfigError(f"--workdir {workdir}: no checkpoints/ inside, so not a training run (or "
+                      "it never saved); pass the --workdir of a crossrec_jax.train run")
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
   try:
     steps_ = checkpointer.all_steps()
     if not steps_:
-      raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint to evaluate")
-    config = ml_collections.ConfigDict(checkpointer.read_meta(steps_[-1])["config"])
+      raise ConfigError(f"{workdir / 'checkpoints'}: no checkpoint to evaluate yet")
+    meta = checkpointer.read_meta(steps_[-1])
+    if (meta.get("model") or {}).get("stage") == "cached":
+      raise ConfigError(f"--workdir {workdir} is a stage-1 (config.stage='cached') run: run its "
+                        "train command again, which restores and evaluates it")
+    config = ml_collections.ConfigDict(meta["config"])
     run, _ = train.build_run(config, workdir)
     if split not in run.sources:
-      raise KeyError(f"split {split!r} not in the data set (has {sorted(run.sources)})")
+      raise UsageError(f"--split {split!r} is not in the data set; it has "
+                       f"{sorted(k for k in run.sources if k != 'items')}")
     step, state, _, _ = checkpointer.restore(
         ckpt_lib.abstract_like(run.abstract_state, run.state_shardings), expected_meta=run.meta)
   finally:
@@ -176,12 +189,32 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None) -> 
   return results
 
 
-if __name__ == "__main__":
+def cli_main(argv=None) -> int:
+  """``python -m crossrec_jax.evaluate``; returns the exit code (see crossrec_jax/cli.py)."""
   import argparse  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(description="Evaluate a training run's latest checkpoint.")
+  import sys  # pylint: disable=import-outside-toplevel
+  from crossrec_jax import cli  # pylint: disable=import-outside-toplevel
+  argv = list(sys.argv if argv is None else argv)
+
+  class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like every other user mistake
+      raise cli.UsageError(f"{message} (run with --help for the flags)")
+
+  parser = Parser(description="Evaluate a training run's latest checkpoint.")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--split", default="test")
-  parser.add_argument("--limit", type=int, default=0)
-  args = parser.parse_args()
-  print(json.dumps(evaluate_workdir(args.workdir, args.split, args.limit or None)))
+  parser.add_argument("--limit", type=int, default=0, help="examples to evaluate; 0: all")
+  parser.add_argument("--verbose", action="store_true", help="tracebacks for user errors too")
+  verbose = cli.traceback_requested(argv)
+
+  def run():
+    args = parser.parse_args(argv[1:])
+    print(json.dumps(evaluate_workdir(args.workdir, args.split, args.limit or None)))
+  return cli.guarded(run, verbose)
+
+
+if __name__ == "__main__":
+  import sys as _sys  # pylint: disable=import-outside-toplevel
+  from crossrec_jax import evaluate as _module  # pylint: disable=import-self
+  _sys.exit(_module.cli_main())

@@ -13,17 +13,19 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from crossrec_jax import checkpoint as ckpt_lib
 from crossrec_jax import optim, sharding, steps
-from crossrec_jax.data import processing, records as records_lib
+from crossrec_jax.data import link_secret, processing, records as records_lib
 from crossrec_jax.data.pipeline import stable_bucket
 from crossrec_jax.models import CrossDomainRecommender, RecommenderConfig, hf
 
@@ -41,19 +43,83 @@ def id_hash(key: str) -> int:
 
 def write_known_ids(workdir, user_keys: Sequence[str], item_keys: Sequence[str]) -> None:
   """Hashes of the user / item IDs seen in training (so scoring gives them their ID rows)."""
-  np.savez(pathlib.Path(workdir) / KNOWN_IDS_FILE,
-           users=np.unique(np.array([id_hash(k) for k in user_keys], np.int64)),
-           items=np.unique(np.array([id_hash(k) for k in item_keys], np.int64)))
+  with (epath.Path(workdir) / KNOWN_IDS_FILE).open("wb") as f:
+    np.savez(f, users=np.unique(np.array([id_hash(k) for k in user_keys], np.int64)),
+             items=np.unique(np.array([id_hash(k) for k in item_keys], np.int64)))
 
 
-def _checkpoint_paths(path) -> tuple[pathlib.Path, pathlib.Path]:
-  path = pathlib.Path(path).absolute()
+def _checkpoint_paths(path) -> tuple[epath.Path, epath.Path]:
+  path = epath.Path(path)  # gs://bucket/run stays intact
+  if "://" not in str(path):
+    path = path.absolute()
+  if not path.exists():
+    raise ScoringError(f"--checkpoint {path} does not exist (mistyped?); pass the --workdir of a "
+                       "crossrec_jax.train run")
   if (path / "checkpoints").is_dir():
     return path, path / "checkpoints"
   if path.name == "checkpoints" and path.is_dir():
     return path.parent, path
-  raise ScoringError(f"{path}: not a training workdir (no checkpoints/ inside). Pass the --workdir "
-                     "of a crossrec_jax.train run.")
+  raise ScoringError(f"--checkpoint {path}: not a training workdir (no checkpoints/ inside). Pass "
+                     "the --workdir of a crossrec_jax.train run.")
+
+
+def _local_copy(directory: epath.Path, into: str) -> str:
+  """A local path for ``directory`` (a bucket folder is copied: tokenizers load from disk)."""
+  if "://" not in str(directory):
+    return str(directory)
+  for f in directory.iterdir():
+    f.copy(epath.Path(into) / f.name)
+  return into
+
+
+def scoring_secret(meta: dict, secret_file: str = "") -> link_secret.LinkSecret:
+  """The linkage secret the checkpoint's users were keyed with (checked by its digest).
+
+  Looked up in: ``secret_file``, ``CROSSREC_LINK_SECRET``, ``CROSSREC_LINK_SECRET_FILE``, the
+  secret file recorded at training time, and the public demo secret (synthetic data).
+  """
+  described = meta.get("link_secret") or {}
+  wanted = described.get("digest")
+  legacy = ((meta.get("config") or {}).get("data") or {}).get("link_secret")
+  if not wanted:  # checkpoints written before secrets were redacted stored the value itself
+    return link_secret.LinkSecret(legacy or link_secret.DEMO_SECRET, "checkpoint config (older run)")
+  candidates, tried = [], []
+  if secret_file:
+    candidates.append(lambda: link_secret.read_secret_file(secret_file, "--link_secret_file"))
+  if os.environ.get(link_secret.ENV_SECRET):
+    candidates.append(lambda: link_secret.LinkSecret(os.environ[link_secret.ENV_SECRET],
+                                                     f"environment {link_secret.ENV_SECRET}"))
+  if os.environ.get(link_secret.ENV_SECRET_FILE):
+    candidates.append(lambda: link_secret.read_secret_file(
+        os.environ[link_secret.ENV_SECRET_FILE], link_secret.ENV_SECRET_FILE))
+  if described.get("file") and pathlib.Path(described["file"]).is_file():
+    candidates.append(lambda: link_secret.read_secret_file(described["file"], "secret file"))
+  candidates.append(lambda: link_secret.LinkSecret(link_secret.DEMO_SECRET, "demo"))
+  for make in candidates:
+    secret = make()
+    if secret.digest == wanted:
+      return secret
+    if secret.origin != "demo":
+      tried.append(secret.origin)
+  raise ScoringError(
+      f"this model keyed its users with a linkage secret (digest {wanted}, from "
+      f"{described.get('origin', '?')}) that "
+      + (f"does not match {', '.join(tried)}" if tried else "was not found")
+      + f"; set {link_secret.ENV_SECRET} or pass --link_secret_file with the training secret")
+
+
+def _newest_meta(checkpointer, candidates) -> dict:
+  """The description of the newest step whose metadata reads (corrupt steps are skipped by
+  the restore that follows, which warns naming both steps)."""
+  errors = []
+  for step in sorted(candidates, reverse=True):
+    try:
+      return checkpointer.read_meta(step)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(f"step {step}: {type(e).__name__}")
+  raise ckpt_lib.CheckpointIncompatibleError(
+      f"{checkpointer.directory}: no checkpoint has a readable crossrec_jax description "
+      f"({'; '.join(errors)}): a workdir of another program or model, or all steps are corrupt")
 
 
 class Scorer:
@@ -63,6 +129,7 @@ class Scorer:
                known_ids=None, batch_size: int = 256):
     self.graphdef, self.params, self.model_config = graphdef, params, model_config
     self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
+    self.step = self.checkpoint_dir = self.link_secret = None  # set by from_checkpoint
     n = mesh.devices.size
     self.batch_size = max(n, (batch_size // n) * n)   # divisible by the devices: no ragged shards
     self.known_users = None if known_ids is None else known_ids["users"]
@@ -87,17 +154,18 @@ class Scorer:
   # -- construction -----------------------------------------------------------------------------
   @classmethod
   def from_checkpoint(cls, path, *, step: int | None = None, batch_size: int = 256,
-                      devices=None) -> "Scorer":
+                      devices=None, secret_file: str = "") -> "Scorer":
+    """``step`` None: the newest restorable step (a corrupt newest one is skipped with a
+    warning naming both steps); ``scorer.step`` says which step was restored."""
     workdir, ckpt_dir = _checkpoint_paths(path)
     checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
     try:
       available = checkpointer.all_steps()
       if not available:
         raise ScoringError(f"{ckpt_dir}: no checkpoint inside")
-      step = available[-1] if step is None else step
-      if step not in available:
+      if step is not None and step not in available:
         raise ScoringError(f"{ckpt_dir}: no step {step}; available: {available}")
-      meta = checkpointer.read_meta(step)
+      meta = _newest_meta(checkpointer, [step] if step is not None else available)
       if (meta.get("model") or {}).get("stage") == "cached":
         raise ScoringError(
             f"{ckpt_dir / str(step)}: a stage-1 (config.stage='cached') checkpoint; this scorer "
@@ -122,14 +190,22 @@ class Scorer:
       # Inference replicates the parameters (no rule maps anything to the data axis).
       shardings_ = steps.state_shardings(abstract_state, logical, tx, (), mesh)
       restored = checkpointer.restore(ckpt_lib.abstract_like(abstract_state, shardings_),
-                                      expected_meta={"model": meta["model"]})
+                                      expected_meta={"model": meta["model"]}, max_step=step)
     finally:
       checkpointer.close()
-    _, state, _, _ = restored
-    tokenizer = hf.load_tokenizer(workdir / meta.get("tokenizer", "tokenizer"))
+    restored_step, state, _, _ = restored
+    secret = scoring_secret(meta, secret_file)
+    with tempfile.TemporaryDirectory() as tmp:
+      tokenizer = hf.load_tokenizer(_local_copy(workdir / meta.get("tokenizer", "tokenizer"), tmp))
     known = workdir / KNOWN_IDS_FILE
-    known_ids = dict(np.load(known)) if known.exists() else None
-    return cls(graphdef, state.params, model_config, config, tokenizer, mesh, known_ids, batch_size)
+    known_ids = None
+    if known.exists():
+      with known.open("rb") as f:
+        known_ids = dict(np.load(f))
+    scorer = cls(graphdef, state.params, model_config, config, tokenizer, mesh, known_ids,
+                 batch_size)
+    scorer.step, scorer.checkpoint_dir, scorer.link_secret = restored_step, ckpt_dir, secret
+    return scorer
 
   # -- encoding ---------------------------------------------------------------------------------
   def _max_length(self, kind):
@@ -276,7 +352,13 @@ class _AtomicTableWriter:
     self.partial.unlink(missing_ok=True)
 
 
-def _read_inputs(users_path, items_path, scorer: Scorer):
+def _read_inputs(users_path, items_path, scorer: Scorer, mapping_file: str | None = None):
+  """Items, histories grouped by person (as training linked them), tasks, processing config and
+  ``person_of(domain, user_id)``."""
+  from crossrec_jax.data.from_config import processing_config  # pylint: disable=import-outside-toplevel
+  for flag, path in (("--users", users_path), ("--items", items_path)):
+    if not pathlib.Path(path).is_file():
+      raise ScoringError(f"{flag} {path}: no such file")
   tasks = {d.name: d.task for d in scorer.model_config.domains}
   items = records_lib.read_items(pathlib.Path(items_path))
   unknown = sorted({d for d, _ in items} - set(tasks))
@@ -285,14 +367,23 @@ def _read_inputs(users_path, items_path, scorer: Scorer):
                        f"({sorted(tasks)})")
   history = records_lib.read_interactions(pathlib.Path(users_path))
   history = records_lib.check_against_items(history, items, items_path)
-  d = scorer.config.data
-  processing_config = processing.ProcessingConfig(
-      link_secret=d.link_secret, max_profile_items=d.max_profile_items,
-      max_items_per_domain=d.max_items_per_domain, max_profile_words=d.max_profile_words)
-  by_user = collections.defaultdict(list)
+  config = scorer.config
+  if mapping_file is not None:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.mapping_file = mapping_file
+  if config.data.get("mapping_file") and not pathlib.Path(config.data.mapping_file).is_file():
+    raise ScoringError(f"the model was trained with data.mapping_file={config.data.mapping_file}, "
+                       "which does not exist here; pass --mapping_file with that mapping")
+  secret = scorer.link_secret or link_secret.LinkSecret(
+      config.data.get("link_secret") or link_secret.DEMO_SECRET, "config")
+  # The same conversion training used: same profile caps, same linkage (secret + mapping).
+  pconfig = processing_config(config, secret)
+  mapping = processing.read_mapping(pconfig.mapping_file) if pconfig.mapping_file else {}
+  person_of = lambda domain, user: mapping.get((domain, user), user)
+  by_person = collections.defaultdict(list)
   for x in history:
-    by_user[x.user_id].append(x)
-  return items, by_user, tasks, processing_config
+    by_person[person_of(x.domain, x.user_id)].append(x)
+  return items, by_person, tasks, pconfig, person_of
 
 
 def _progress(total, desc):
@@ -300,21 +391,56 @@ def _progress(total, desc):
   return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, dynamic_ncols=True)
 
 
-def run_scoring(checkpoint, users, items, output, *, pairs=None, top_k=0, domains=None,
-                output_format=None, chunk_users=4096, batch_size=256) -> dict[str, Any]:
-  """The CLI's work, as a function. Returns counts; the output appears only when complete."""
+OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv"}
+
+
+def check_output(output, output_format=None, overwrite=False) -> tuple[pathlib.Path, str]:
+  """The output path and format, refused before any work if it cannot be written as asked."""
   output = pathlib.Path(output)
-  fmt = output_format or ("csv" if output.suffix == ".csv" else "parquet")
+  fmt = OUTPUT_FORMATS.get(output.suffix.lower())
+  if fmt is None:
+    raise ScoringError(f"--output {output}: unknown suffix {output.suffix or '(none)'!r}; name "
+                       f"it .parquet or .csv (the format follows the suffix)")
+  if output_format and output_format != fmt:
+    raise ScoringError(f"--format {output_format} does not match --output {output} ({fmt}); "
+                       "drop --format or change the suffix")
+  if output.is_dir():
+    raise ScoringError(f"--output {output} is a directory; pass a file name")
+  if output.exists() and not overwrite:
+    raise ScoringError(f"--output {output} already exists; pass --overwrite to replace it, or "
+                       "choose another file")
+  if not output.absolute().parent.is_dir():
+    raise ScoringError(f"--output {output}: directory {output.absolute().parent} does not exist; "
+                       "create it first")
+  return output, fmt
+
+
+def run_scoring(checkpoint, users, items, output, *, pairs=None, top_k=0, domains=None,
+                output_format=None, chunk_users=4096, batch_size=256, overwrite=False,
+                mapping_file=None, secret_file="", step=None) -> dict[str, Any]:
+  """The CLI's work, as a function. Returns counts; the output appears only when complete."""
+  if top_k < 0:
+    raise ScoringError(f"--top_k {top_k} must be positive (items per user and domain)")
+  if pairs and top_k:
+    raise ScoringError("pass either --pairs FILE (pairs mode) or --top_k K (top-K mode), not both")
   if not pairs and not top_k:
     raise ScoringError("pass --pairs FILE (pairs mode) or --top_k K (top-K mode)")
-  scorer = Scorer.from_checkpoint(checkpoint, batch_size=batch_size)
-  item_table, by_user, tasks, pconfig = _read_inputs(users, items, scorer)
+  if pairs and not pathlib.Path(pairs).is_file():
+    raise ScoringError(f"--pairs {pairs}: no such file")
+  if batch_size <= 0 or chunk_users <= 0:
+    raise ScoringError(f"--batch_size {batch_size} must be positive")
+  output, fmt = check_output(output, output_format, overwrite)
+  scorer = Scorer.from_checkpoint(checkpoint, batch_size=batch_size, secret_file=secret_file,
+                                  step=step)
+  print(f"Scoring with checkpoint step {scorer.step} of {scorer.checkpoint_dir}", file=sys.stderr,
+        flush=True)
+  item_table, by_user, tasks, pconfig, person_of = _read_inputs(users, items, scorer, mapping_file)
   wanted = list(domains) if domains else [d.name for d in scorer.model_config.domains]
   for name in wanted:
     if name not in tasks:
       raise ScoringError(f"--domains: unknown domain {name!r}; this model has {sorted(tasks)}")
   index = {d.name: i for i, d in enumerate(scorer.model_config.domains)}
-  user_key = lambda u: processing.link_key(pconfig.link_secret, u)
+  user_key = lambda person: processing.link_key(pconfig.link_secret, person)
 
   item_keys = sorted(item_table)
   item_vecs = scorer.encode("item", [item_table[k].text or f"{k[0]} item {k[1]}" for k in item_keys],
@@ -324,7 +450,7 @@ def run_scoring(checkpoint, users, items, output, *, pairs=None, top_k=0, domain
   try:
     if pairs:
       counts = _score_pairs_file(scorer, pairs, by_user, item_table, item_row, item_vecs, tasks,
-                                 index, pconfig, user_key, writer, chunk_users, wanted)
+                                 index, pconfig, user_key, writer, chunk_users, wanted, person_of)
     else:
       counts = _score_top_k(scorer, by_user, item_table, item_keys, item_vecs, tasks, index,
                             pconfig, user_key, writer, chunk_users, wanted, top_k)
@@ -332,7 +458,7 @@ def run_scoring(checkpoint, users, items, output, *, pairs=None, top_k=0, domain
   except BaseException:
     writer.abort()  # never leave a partial file that looks complete
     raise
-  return counts | {"output": str(output), "rows": writer.rows}
+  return counts | {"output": str(output), "rows": writer.rows, "step": scorer.step}
 
 
 def _profiles(user_ids, by_user, item_table, tasks, pconfig):
@@ -346,7 +472,7 @@ def _profiles(user_ids, by_user, item_table, tasks, pconfig):
 
 
 def _score_pairs_file(scorer, pairs_path, by_user, item_table, item_row, item_vecs, tasks, index,
-                      pconfig, user_key, writer, chunk_users, wanted):
+                      pconfig, user_key, writer, chunk_users, wanted, person_of):
   names, rows = records_lib.iter_rows(pathlib.Path(pairs_path))
   missing = [c for c in ("user_id", "item_id", "domain") if c not in names]
   if missing:
@@ -362,15 +488,17 @@ def _score_pairs_file(scorer, pairs_path, by_user, item_table, item_row, item_ve
       pairs.append((u, i, d))
   if not pairs:
     raise ScoringError(f"{pairs_path}: no pairs to score")
-  users = list(dict.fromkeys(u for u, _, _ in pairs))
+  # A pair's user is the person its (domain, user_id) maps to, as in training.
+  person = {(u, d): person_of(d, u) for u, _, d in pairs}
+  users = list(dict.fromkeys(person.values()))
   progress = _progress(len(pairs), "pairs")
   for start in range(0, len(users), chunk_users):
     chunk = users[start:start + chunk_users]
     vecs = scorer.encode("user", _profiles(chunk, by_user, item_table, tasks, pconfig),
                          [user_key(u) for u in chunk])
     row_of = {u: n for n, u in enumerate(chunk)}
-    sel = [p for p in pairs if p[0] in row_of]
-    out = scorer.score_pairs(vecs[[row_of[u] for u, _, _ in sel]],
+    sel = [p for p in pairs if person[(p[0], p[2])] in row_of]
+    out = scorer.score_pairs(vecs[[row_of[person[(u, d)]] for u, _, d in sel]],
                              item_vecs[[item_row[(d, i)] for _, i, d in sel]],
                              np.array([index[d] for _, _, d in sel]))
     is_rating = np.array([tasks[d] == "rating" for _, _, d in sel])
@@ -419,25 +547,45 @@ def _score_top_k(scorer, by_user, item_table, item_keys, item_vecs, tasks, index
   return {"users": len(users), "items": len(item_vecs)}
 
 
-def main(argv):
+def _define_flags(fv, argv):
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
-  f = flags.FLAGS
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("checkpoint", None, "Training workdir (or its checkpoints/ folder).", **d)
+  flags.DEFINE_string("users", None, "User histories: interactions layout (CSV/JSONL/Parquet).", **d)
+  flags.DEFINE_string("items", None, "Items with text: items layout (CSV/JSONL/Parquet).", **d)
+  flags.DEFINE_string("output", None, "Output file (.parquet or .csv).", **d)
+  flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.", **d)
+  flags.DEFINE_string("pairs", None, "Optional user_id,item_id,domain pairs to score.", **d)
+  flags.DEFINE_integer("top_k", 0, "Top-K items per user and domain (when no --pairs).", **d)
+  flags.DEFINE_list("domains", None, "Domains to score (default: all).", **d)
+  flags.DEFINE_enum("format", None, ["parquet", "csv"], "Output format (default: by suffix).", **d)
+  flags.DEFINE_integer("batch_size", 256, "Encoder batch size (a multiple of the device count).", **d)
+  flags.DEFINE_integer("step", None, "Checkpoint step to score (default: the newest).", **d)
+  flags.DEFINE_string("mapping_file", None, "The domain,user_id,person_id mapping the model was "
+                      "trained with, if it is elsewhere than the path in its config.", **d)
+  flags.DEFINE_string("link_secret_file", "", "File holding the user-linkage secret of training "
+                      "(or set CROSSREC_LINK_SECRET).", **d)
+  flags.mark_flags_as_required(["checkpoint", "users", "items", "output"], flag_values=fv)
+
+
+def _main(f) -> int:
   counts = run_scoring(f.checkpoint, f.users, f.items, f.output, pairs=f.pairs, top_k=f.top_k,
-                       domains=f.domains, output_format=f.format, batch_size=f.batch_size)
+                       domains=f.domains, output_format=f.format, batch_size=f.batch_size,
+                       overwrite=f.overwrite, mapping_file=f.mapping_file,
+                       secret_file=f.link_secret_file, step=f.step)
   print(json.dumps(counts))
+  return 0
+
+
+def cli_main(argv=None) -> int:
+  """``python -m crossrec_jax.score``; returns the exit code (see crossrec_jax/cli.py)."""
+  from crossrec_jax import cli  # pylint: disable=import-outside-toplevel
+  return cli.run_absl(argv, _define_flags, _main)
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string("checkpoint", None, "Training workdir (or its checkpoints/ folder).")
-  flags.DEFINE_string("users", None, "User histories: interactions layout (CSV/JSONL/Parquet).")
-  flags.DEFINE_string("items", None, "Items with text: items layout (CSV/JSONL/Parquet).")
-  flags.DEFINE_string("output", None, "Output file (.parquet, or .csv).")
-  flags.DEFINE_string("pairs", None, "Optional user_id,item_id,domain pairs to score.")
-  flags.DEFINE_integer("top_k", 0, "Top-K items per user and domain (when no --pairs).")
-  flags.DEFINE_list("domains", None, "Domains to score (default: all).")
-  flags.DEFINE_enum("format", None, ["parquet", "csv"], "Output format (default: by suffix).")
-  flags.DEFINE_integer("batch_size", 256, "Encoder batch size (a multiple of the device count).")
-  flags.mark_flags_as_required(["checkpoint", "users", "items", "output"])
-  app.run(main)
+  # Through the imported module, not __main__'s copy: its exception classes are the ones
+  # crossrec_jax.cli recognises as user errors.
+  from crossrec_jax import score as _module  # pylint: disable=import-self
+  sys.exit(_module.cli_main())

@@ -8,6 +8,7 @@ the same array, stays replicated.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping, Sequence
 
@@ -15,6 +16,9 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+_warned_replicated: set[str] = set()  # parameter names already reported (once per name)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
@@ -69,25 +73,39 @@ def logical_axes_tree(state: nnx.State) -> dict:
   return tree
 
 
-def spec_for(shape: Sequence[int], logical: Sequence[str | None], rules, mesh: Mesh) -> P:
+def spec_for(shape: Sequence[int], logical: Sequence[str | None], rules, mesh: Mesh,
+             name: str = "") -> P:
+  """A dimension its rule's mesh axes do not divide stays replicated; that silently loses
+  FSDP / tensor parallelism (e.g. hidden 384 on a 256-way fsdp axis), so it is logged once per
+  parameter ``name``."""
   table = dict(rules)
   used, spec = set(), []
-  for dim, name in zip(shape, logical):
-    target = table.get(name) if name is not None else None
+  for dim, axis_name in zip(shape, logical):
+    target = table.get(axis_name) if axis_name is not None else None
     axes = tuple(a for a in ((target,) if isinstance(target, str) else (target or ()))
                  if a not in used and mesh.shape[a] > 1)
-    if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+    size = math.prod(mesh.shape[a] for a in axes)
+    if axes and dim % size == 0:
       used.update(axes)
       spec.append(axes[0] if len(axes) == 1 else axes)
     else:
       spec.append(None)
+      key = name or str(tuple(shape))
+      if axes and key not in _warned_replicated:
+        _warned_replicated.add(key)
+        log.warning("sharding: %s dimension %r of size %d is replicated: mesh axes %s (size %d) "
+                    "do not divide it; change config.mesh or config.sharding_rules to shard it",
+                    name or "a parameter", axis_name, dim, "x".join(axes), size)
   return P(*spec)
 
 
 def tree_shardings(abstract_tree, logical_tree, rules, mesh: Mesh):
   """NamedSharding for every array of ``abstract_tree`` from its logical axes."""
-  return jax.tree.map(lambda x, axes: NamedSharding(mesh, spec_for(x.shape, axes, rules, mesh)),
-                      abstract_tree, logical_tree, is_leaf=lambda x: isinstance(x, tuple))
+  names = jax.tree_util.tree_map_with_path(
+      lambda path, _: "/".join(str(key_name(e)) for e in path), abstract_tree)
+  return jax.tree.map(
+      lambda x, axes, n: NamedSharding(mesh, spec_for(x.shape, axes, rules, mesh, name=n)),
+      abstract_tree, logical_tree, names, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -7,29 +7,34 @@ Re-running the same command resumes from the latest checkpoint in ``workdir``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-import pathlib
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from crossrec_jax import checkpoint as ckpt_lib
+from crossrec_jax import cli, config_check
 from crossrec_jax import data as data_lib
 from crossrec_jax import evaluate as eval_lib
 from crossrec_jax import optim, sharding, steps
 from crossrec_jax import score as score_lib
 from crossrec_jax.data import pipeline
 from crossrec_jax.data.from_config import (barrier, prepare_data, processing_config,  # noqa: F401
-                                          resolve_model_checkpoint)
+                                          public_config_dict, resolve_link_secret,
+                                          resolve_model_checkpoint, secret_description)
 from crossrec_jax.models import CrossDomainRecommender, DomainSpec, heads, hf, testing
 
 log = logging.getLogger("crossrec_jax")
@@ -58,24 +63,38 @@ def _flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+  """SIGTERM -> every process saves at the same step, then the run returns ``preempted``.
 
-  def __init__(self):
-    self.requested = False
-    try:
-      signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. some notebook runners)
-      pass
+  Several processes: JAX's preemption service (started by ``jax.distributed.initialize``)
+  catches SIGTERM on any host and Orbax's ``reached_preemption(step)`` turns true on all hosts
+  at the same step, so no host is left stepping into a collective save alone. One process: a
+  Python handler sets a flag (not installed in multi-process runs: it would replace JAX's).
+  """
+
+  def __init__(self, checkpointer):
+    self.checkpointer, self.flag = checkpointer, False
+    self.multi = jax.process_count() > 1
+    if not self.multi:
+      try:
+        signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread (e.g. some notebook runners)
+        pass
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
+    self.flag = True
+
+  def reached(self, step: int) -> bool:
+    """Called once per step by every process."""
+    if self.multi:
+      return self.checkpointer.reached_preemption(step)
+    return self.flag
 
 
 @dataclasses.dataclass
 class Run:
   """Everything a training run builds from its config (also used by tests and notebooks)."""
   config: Any
-  workdir: pathlib.Path
+  workdir: epath.Path
   mesh: Any
   graphdef: Any
   model_config: Any
@@ -92,11 +111,14 @@ class Run:
 
 def build_run(config, workdir, devices=None) -> tuple[Run, Any]:
   """Returns (run, initial params as numpy host arrays); ``devices`` defaults to all."""
-  workdir = pathlib.Path(workdir)
+  workdir = config_check.check_workdir(workdir)
+  secret = resolve_link_secret(config)
+  builder = prepare_data(config, secret)
+  md = data_lib.metadata(builder)
+  if config.best_metric:  # the data's domains are known now, before anything compiles
+    config_check.check_best_metric(config.best_metric, md["domains"])
   workdir.mkdir(parents=True, exist_ok=True)
   model_dir = resolve_model_checkpoint(config, workdir)
-  builder = prepare_data(config)
-  md = data_lib.metadata(builder)
   domains = tuple(DomainSpec(**d) for d in md["domains"])
   m = config.model
   model = CrossDomainRecommender.from_pretrained(
@@ -110,7 +132,7 @@ def build_run(config, workdir, devices=None) -> tuple[Run, Any]:
 
   tokenizer = hf.load_tokenizer(model_dir)
   if jax.process_index() == 0 and not (workdir / "tokenizer").exists():
-    tokenizer.save_pretrained(str(workdir / "tokenizer"))  # self-contained for inference
+    _save_tokenizer(tokenizer, workdir / "tokenizer")  # self-contained for inference
 
   mesh = sharding.create_mesh(dict(config.mesh), devices)
   if config.batch_size % mesh.devices.size:
@@ -146,12 +168,54 @@ def build_run(config, workdir, devices=None) -> tuple[Run, Any]:
       jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0)), params)
   shardings_ = steps.state_shardings(abstract_state, logical, tx, tuple(config.sharding_rules), mesh)
   meta = json.loads(json.dumps({
-      "config": config.to_dict(), "model": model.config.to_dict(),
+      "config": public_config_dict(config), "model": model.config.to_dict(),
       "tokenizer": "tokenizer", "bert_checkpoint": str(model_dir), "data": md,
+      "link_secret": secret_description(secret),
   }, default=list))
   run = Run(config, workdir, mesh, graphdef, model.config, tokenizer, catalog, sources,
             pipe_config, tx, shardings_, abstract_state, meta, baselines)
   return run, params
+
+
+def _save_tokenizer(tokenizer, target: epath.Path) -> None:
+  """``save_pretrained`` writes local files only: a bucket workdir gets a copy of them."""
+  if "://" not in str(target):
+    tokenizer.save_pretrained(str(target))
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer.save_pretrained(tmp)
+    target.mkdir(parents=True, exist_ok=True)
+    for f in epath.Path(tmp).iterdir():
+      f.copy(target / f.name, overwrite=True)
+
+
+def append_jsonl(path: epath.Path, record: dict) -> None:
+  """One JSON line; object stores have no append, so a bucket file is rewritten (it is small)."""
+  line = json.dumps(record) + "\n"
+  if "://" not in str(path):
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(line)
+  else:
+    path.write_text((path.read_text() if path.exists() else "") + line)
+
+
+@contextlib.contextmanager
+def remove_if_failed_early(workdir):
+  """A workdir this run created is removed if the run fails before producing anything worth
+  keeping (a checkpoint, a metrics line or the stage-1 text cache): no half-built workdir."""
+  path = epath.Path(workdir)
+  created = not path.exists()
+  try:
+    yield
+  except BaseException:
+    kept = ("checkpoints", "metrics.jsonl", "text_cache")
+    if created and jax.process_index() == 0 and path.exists() and not any(
+        (path / k).exists() for k in kept):
+      if "://" in str(path):
+        path.rmtree()
+      else:
+        shutil.rmtree(path, ignore_errors=True)
+    raise
 
 
 def _start_ratings_at_train_mean(params, model_config, baselines) -> None:
@@ -176,14 +240,19 @@ def init_state(run: Run, params) -> steps.TrainState:
 
 
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
-  """Trains (resuming if ``workdir`` has checkpoints), evaluates, returns the final metrics."""
+  """Trains (resuming if ``workdir`` has checkpoints), evaluates, returns the final metrics
+  (``preempted: True`` when SIGTERM stopped it after saving)."""
+  config_check.validate_config(config)  # before any data is read or anything compiles
+  workdir = config_check.check_workdir(workdir)
   maybe_initialize_distributed(config)
-  if config.stage == "cached":
-    from crossrec_jax import stage1_run  # pylint: disable=import-outside-toplevel
-    return stage1_run.train_and_evaluate(config, workdir)
-  if config.stage != "end_to_end":
-    raise ValueError(f"config.stage={config.stage!r}: use 'cached' (stage 1: frozen encoder, "
-                     "cached text vectors) or 'end_to_end' (fine-tune the encoder)")
+  with remove_if_failed_early(workdir):
+    if config.stage == "cached":
+      from crossrec_jax import stage1_run  # pylint: disable=import-outside-toplevel
+      return stage1_run.train_and_evaluate(config, workdir)
+    return _train_end_to_end(config, workdir)
+
+
+def _train_end_to_end(config, workdir) -> dict[str, Any]:
   run, params = build_run(config, workdir)
   workdir = run.workdir
   is_main = jax.process_index() == 0
@@ -218,7 +287,8 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   limit = config.data.eval_limit or None
   writer = _summary_writer(workdir) if is_main else None
   schedule = optim.learning_rate_schedule(config)
-  preemption = _Preemption()
+  preemption = _Preemption(checkpointer)
+  preempted = False
 
   def save(step, metrics=None):
     checkpointer.save(step, state, iterator.get_state(), run.meta, metrics)
@@ -226,8 +296,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   def evaluate(step, split) -> dict[str, dict[str, float]]:
     results = evaluator.evaluate(state.params, run.sources[split], limit=limit, baselines=baselines)
     if is_main:
-      with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step, "split": split, "metrics": results}) + "\n")
+      append_jsonl(workdir / "metrics.jsonl", {"step": step, "split": split, "metrics": results})
       if writer is not None:
         for key, value in _flatten(results).items():
           writer.add_scalar(f"{split}/{key}".replace("@", "_at_"), value, step)
@@ -247,10 +316,11 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
       step += 1
       examples += config.batch_size
       progress.update(1)
+      preempted = preemption.reached(step)  # every process, every step (multi-host sync)
       at_checkpoint = config.checkpoint_every and step % config.checkpoint_every == 0
       at_eval = config.eval_every and step % config.eval_every == 0 and step < config.train_steps
       if step % config.log_every == 0 or at_checkpoint or at_eval or step == config.train_steps \
-          or preemption.requested:
+          or preempted:
         metrics = {k: float(sharding.to_host(v)) for k, v in metrics.items()}
         if not np.isfinite(metrics["loss"]):
           raise NonFiniteLossError(
@@ -265,14 +335,15 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
           writer.add_scalar("train/examples_per_second", rate, step)
         progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", ex_s=f"{rate:.1f}")
         if is_main:
-          with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "split": "train", "metrics": metrics,
-                                "learning_rate": float(schedule(step - 1)),
-                                "examples_per_second": rate}) + "\n")
-      if preemption.requested:
+          append_jsonl(workdir / "metrics.jsonl", {
+              "step": step, "split": "train", "metrics": metrics,
+              "learning_rate": float(schedule(step - 1)), "examples_per_second": rate})
+      if preempted:
         save(step)
         checkpointer.wait()
-        print(f"\nSIGTERM received: saved step {step} to {checkpointer.directory}; exiting.")
+        print(f"\nSIGTERM received: saved step {step} to {checkpointer.directory}; exiting "
+              f"with code {cli.EXIT_PREEMPTED} so the job is re-run (the same command resumes).",
+              flush=True)
         break
       if config.steps_per_run and step - start >= config.steps_per_run and step < config.train_steps:
         save(step)
@@ -305,7 +376,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     checkpointer.close()
     if writer is not None:
       writer.close()
-  return {"step": step, "metrics": last_results}
+  return {"step": step, "metrics": last_results, "preempted": preempted}
 
 
 def _progress(start, total, enabled):
@@ -319,27 +390,33 @@ def _summary_writer(workdir):
   return SummaryWriter(str(workdir / "tensorboard"))
 
 
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=import-outside-toplevel
+def _main(fv) -> int:
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   # Orbax / tfds log every save at INFO through absl: keep the console to the progress bar.
   absl_logging.set_verbosity(absl_logging.INFO if os.environ.get("CROSSREC_VERBOSE") else absl_logging.WARNING)
-  result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  result = train_and_evaluate(fv.config, fv.workdir)
   if jax.process_index() == 0:
     print(json.dumps({"final_step": result["step"]}))
+  return cli.EXIT_PREEMPTED if result.get("preempted") else 0
 
 
-def _define_flags():
+def _define_flags(fv, argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
-  flags.mark_flags_as_required(["config", "workdir"])
+                                  lock_config=True, flag_values=fv, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.",
+                      flag_values=fv)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+
+
+def cli_main(argv=None) -> int:
+  """``python -m crossrec_jax.train``; returns the exit code (see crossrec_jax/cli.py)."""
+  return cli.run_absl(argv, _define_flags, _main)
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=import-outside-toplevel
-  _define_flags()
-  app.run(main)
+  # Through the imported module, not __main__'s copy: its exception classes are the ones
+  # crossrec_jax.cli recognises as user errors.
+  from crossrec_jax import train as _module  # pylint: disable=import-self
+  sys.exit(_module.cli_main())

@@ -9,6 +9,8 @@ os.environ["XLA_FLAGS"] = " ".join(
     filter(None, [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is fetched from a hub in tests
+# Link secrets generated for test data sets go to a temporary folder, not ~/.config.
+os.environ.setdefault("CROSSREC_SECRETS_DIR", __import__("tempfile").mkdtemp(prefix="crossrec_secrets_"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pathlib  # pylint: disable=wrong-import-position

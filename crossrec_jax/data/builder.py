@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from crossrec_jax.data import movielens, synthetic
+from crossrec_jax.data import link_secret, movielens, synthetic
 from crossrec_jax.data.processing import ProcessingConfig, build_examples
 from crossrec_jax.data.records import (DataError, ValidationReport, check_against_items, find_table,
                                        read_interactions, read_items)
@@ -47,6 +47,8 @@ class SourceConfig:
   def fingerprint(self) -> str:
     """Changes with the options and with the input files' size / mtime."""
     stamp = dataclasses.asdict(self)
+    # The data set is named by a digest of the linkage secret, never by the secret itself.
+    stamp["processing"]["link_secret"] = link_secret.digest(self.processing.link_secret)
     if self.source == "synthetic":
       stamp["generator_version"] = synthetic.GENERATOR_VERSION
     if self.path:
@@ -147,7 +149,7 @@ def read_source(config: SourceConfig):
 def load_and_process(config: SourceConfig) -> dict[str, Any]:
   """Reads, validates and processes the configured source (no tfds involved)."""
   interactions, items, report = read_source(config)
-  processed = build_examples(interactions, items, config.processing)
+  processed = build_examples(interactions, items, _with_secret(config).processing)
   processed["report"] = report.to_dict()
   return processed
 
@@ -157,9 +159,10 @@ def prepare(source: str = "synthetic", path: str = "", *, data_dir: str | None =
             synthetic_config: synthetic.SyntheticConfig = synthetic.SyntheticConfig()
             ) -> tfds.core.DatasetBuilder:
   """Prepares (once, cached under ``data_dir``) and returns the builder."""
-  source_config = SourceConfig(source, str(path), bad_rows, processing, synthetic_config)
   if path and not pathlib.Path(path).exists():
     raise DataError(f"{path}: data directory does not exist")
+  source_config = _with_secret(SourceConfig(source, str(path), bad_rows, processing,
+                                            synthetic_config))
   config = CrossDomainBuilderConfig(name=f"{source}_{source_config.fingerprint()}",
                                     source_config=source_config)
   builder = CrossDomain(config=config, data_dir=data_dir or DEFAULT_DATA_DIR,
@@ -177,6 +180,15 @@ def prepare(source: str = "synthetic", path: str = "", *, data_dir: str | None =
         shutil.rmtree(config_dir, ignore_errors=True)
       raise
   return builder
+
+
+def _with_secret(config: SourceConfig) -> SourceConfig:
+  """``config`` with its linkage secret resolved (data.link_secret) when none was given."""
+  if config.processing.link_secret:
+    return config
+  secret = link_secret.resolve(config.source, config.path).value
+  return dataclasses.replace(config, processing=dataclasses.replace(config.processing,
+                                                                    link_secret=secret))
 
 
 def metadata(builder) -> dict[str, Any]:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pathlib
 
 import jax
+import numpy as np
 
 from crossrec_jax import data as data_lib
+from crossrec_jax.data import link_secret
 from crossrec_jax.models import hf, testing
 
 
@@ -17,18 +19,51 @@ def barrier(name):
     multihost_utils.sync_global_devices(name)
 
 
-def processing_config(config) -> data_lib.ProcessingConfig:
+def resolve_link_secret(config) -> link_secret.LinkSecret:
+  """The run's user-linkage secret; every process must resolve the same one."""
   d = config.data
+  secret = link_secret.resolve(d.source, d.path, configured=d.get("link_secret", ""),
+                               configured_file=d.get("link_secret_file", ""))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    digests = multihost_utils.process_allgather(
+        np.frombuffer(secret.digest.encode(), np.uint8))
+    if len({bytes(row) for row in np.asarray(digests).reshape(jax.process_count(), -1)}) > 1:
+      raise data_lib.DataError(
+          f"the hosts resolved different user-linkage secrets (this one: {secret.origin}); set "
+          f"{link_secret.ENV_SECRET} or data.link_secret_file to the same secret on every host")
+  return secret
+
+
+def secret_description(secret: link_secret.LinkSecret) -> dict[str, str]:
+  """What a checkpoint records about the secret: never its value."""
+  return {"digest": secret.digest, "origin": secret.origin, "file": secret.file}
+
+
+def public_config_dict(config) -> dict:
+  """``config.to_dict()`` without the linkage secret (for checkpoints and logs)."""
+  out = config.to_dict()
+  if out.get("data", {}).get("link_secret"):
+    out["data"] = dict(out["data"], link_secret="")
+  return out
+
+
+def processing_config(config, secret: link_secret.LinkSecret | None = None
+                      ) -> data_lib.ProcessingConfig:
+  """The one conversion from a run's config to data processing settings (training, evaluation
+  and scoring all build users and profiles through it)."""
+  d = config.data
+  secret = secret or resolve_link_secret(config)
   return data_lib.ProcessingConfig(
-      link_secret=d.link_secret, mapping_file=d.mapping_file, split=d.split, ratio=tuple(d.ratio),
+      link_secret=secret.value, mapping_file=d.mapping_file, split=d.split, ratio=tuple(d.ratio),
       seed=config.seed, max_profile_items=d.max_profile_items,
       max_items_per_domain=d.max_items_per_domain, max_profile_words=d.max_profile_words,
       domains=tuple(d.domains))
 
 
-def prepare_data(config):
+def prepare_data(config, secret: link_secret.LinkSecret | None = None):
   d = config.data
-  processing = processing_config(config)
+  processing = processing_config(config, secret)
   synthetic = data_lib.SyntheticConfig(num_users=d.synthetic_users,
                                        items_per_domain=d.items_per_domain, seed=config.seed)
   kwargs = dict(data_dir=d.data_dir or None, bad_rows=d.bad_rows, processing=processing,

@@ -29,7 +29,9 @@ TARGET_SPLITS = ("train", "valid", "test")
 class ProcessingConfig:
   # Linkage: HMAC-SHA256(secret, person id). The person id is `user_id`, or the `person_id`
   # that `mapping_file` (CSV: domain,user_id,person_id) gives a platform-local user_id.
-  link_secret: str = "crossrec-default-secret"
+  # Empty: resolved per data set by data.link_secret.resolve (never a public default for real
+  # data). Hidden from repr: tfds logs the builder config, which holds this dataclass.
+  link_secret: str = dataclasses.field(default="", repr=False)
   mapping_file: str = ""
   store_raw_user_ids: bool = False
   # Splits: auto = the `split` column when present, else leave-last-out per user and domain.
@@ -94,7 +96,8 @@ def link_key(secret: str, person_id: str) -> str:
 def link_users(interactions: Sequence[Interaction], config: ProcessingConfig) -> dict[int, str]:
   """Maps each interaction's index to its user key (raw IDs are not kept)."""
   if not config.link_secret:
-    raise DataError("link_secret is empty: user linkage needs a secret key (HMAC-SHA256)")
+    raise DataError("link_secret is empty: user linkage needs a secret key (HMAC-SHA256); "
+                    "resolve one with crossrec_jax.data.link_secret.resolve")
   mapping = read_mapping(config.mapping_file) if config.mapping_file else None
   keys, cache = {}, {}
   for i, x in enumerate(interactions):

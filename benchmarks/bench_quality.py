@@ -23,7 +23,6 @@ item has at most 2 train interactions. Test is touched once per method.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import json
@@ -36,6 +35,7 @@ import jax
 import numpy as np
 import scipy.sparse as sp
 
+from crossrec_jax import cli
 from crossrec_jax import baselines as bl
 from crossrec_jax import config_defaults, fusion, metrics, ranking, text_cache, train
 from crossrec_jax.cached_training import HybridSettings, fit_hybrid
@@ -327,9 +327,9 @@ def parse_overrides(assignments) -> dict:
     key, sep, text = a.partition("=")
     key = key.strip().removeprefix("hybrid.")
     if not sep:
-      sys.exit(f"--set {a}: expected KEY=VALUE")
+      raise cli.UsageError(f"--set {a}: expected KEY=VALUE")
     if key not in fields:
-      sys.exit(f"--set {a}: no field {key!r} in HybridSettings (see crossrec_jax/cached_training.py)")
+      raise cli.UsageError(f"--set {a}: no field {key!r} in HybridSettings (see crossrec_jax/cached_training.py)")
     try:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -339,7 +339,7 @@ def parse_overrides(assignments) -> dict:
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--data", required=True, help="MovieLens or bring-your-own data directory")
   p.add_argument("--data_dir", default="", help="where the prepared tfds data set is cached")
   p.add_argument("--json", default="", help="write every table row to this file")
@@ -373,7 +373,7 @@ def main(argv=None):
   args = parse_args(argv)
   data_path = pathlib.Path(args.data).expanduser().resolve()
   if not data_path.is_dir():
-    sys.exit(f"--data {args.data}: not a directory (give a MovieLens or bring-your-own data folder)")
+    raise cli.UsageError(f"--data {args.data}: not a directory (give a MovieLens or bring-your-own data folder)")
   source = detect_source(data_path)
   t0 = time.time()
   print(f"bench_quality: {data_path} ({source}); jax {jax.__version__} on "
@@ -409,4 +409,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.main_of(main))  # a user mistake: one line, exit code 2 (crossrec_jax/cli.py)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import jax
@@ -22,6 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from crossrec_jax import cli
 from crossrec_jax import sharding
 from crossrec_jax.data import synthetic
 from crossrec_jax.data.processing import ProcessingConfig, user_profile
@@ -98,7 +100,7 @@ def cross_encoder_pairs_per_second(scorer: Scorer, users, items, n_pairs, batch_
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", default="", help="training workdir (default: random weights)")
   parser.add_argument("--bert", default="minilm", choices=sorted(BERTS))
   parser.add_argument("--vocab_dir", default="", help="tokenizer dir (default: the embedded MiniLM's)")
@@ -151,4 +153,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.main_of(main))  # a user mistake: one line, exit code 2 (crossrec_jax/cli.py)

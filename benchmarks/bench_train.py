@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import jax
@@ -24,6 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from crossrec_jax import cli
 from crossrec_jax import adversarial, config_defaults, sharding, steps
 from crossrec_jax.models import testing
 from crossrec_jax.models import BertConfig, CrossDomainRecommender, DomainSpec, RecommenderConfig
@@ -139,7 +141,7 @@ def torch_examples_per_second(args, seq):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--bert", default="minilm", choices=sorted(BERTS))
   parser.add_argument("--seq", type=int, nargs="+", default=[64, 128], help="user profile lengths")
   parser.add_argument("--item_len", type=int, default=32)
@@ -175,4 +177,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.main_of(main))  # a user mistake: one line, exit code 2 (crossrec_jax/cli.py)

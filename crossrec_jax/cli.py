@@ -9,6 +9,7 @@ loss); 143 stopped by SIGTERM after saving (a scheduler should re-run the same c
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
@@ -25,6 +26,19 @@ class ConfigError(ValueError):
 
 class UsageError(ValueError):
   """A command-line argument that cannot work (missing file, negative count, ...)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with a user mistake as one ``UsageError`` line (exit 2 under ``guarded``)."""
+
+  def error(self, message):
+    raise UsageError(f"{message} (run with --help for the flags)")
+
+
+def main_of(fn: Callable[[], object], argv: Sequence[str] | None = None) -> int:
+  """Exit code of a script's ``main`` (any return value) under ``guarded``."""
+  argv = sys.argv if argv is None else argv
+  return guarded(lambda: (fn(), 0)[1], traceback_requested(argv))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

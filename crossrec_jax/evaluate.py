@@ -191,17 +191,12 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None) -> 
 
 def cli_main(argv=None) -> int:
   """``python -m crossrec_jax.evaluate``; returns the exit code (see crossrec_jax/cli.py)."""
-  import argparse  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   from crossrec_jax import cli  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv if argv is None else argv)
 
-  class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other user mistake
-      raise cli.UsageError(f"{message} (run with --help for the flags)")
-
-  parser = Parser(description="Evaluate a training run's latest checkpoint.")
+  parser = cli.ArgumentParser(description="Evaluate a training run's latest checkpoint.")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--split", default="test")
   parser.add_argument("--limit", type=int, default=0, help="examples to evaluate; 0: all")

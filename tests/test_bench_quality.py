@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_quality  # pylint: disable=wrong-import-position
 
+from crossrec_jax.cli import UsageError  # pylint: disable=wrong-import-position
 from crossrec_jax.data import SyntheticConfig, synthetic  # pylint: disable=wrong-import-position
 
 
@@ -74,7 +75,7 @@ def test_a_folder_without_text_or_split_columns_runs_unchanged(byo_dir, tiny_che
 
 
 def test_missing_data_directory_is_a_clear_error(tmp_path):
-  with pytest.raises(SystemExit, match="not a directory"):
+  with pytest.raises(UsageError, match="not a directory"):
     bench_quality.main(["--data", str(tmp_path / "absent"), "--skip_model"])
 
 
@@ -83,5 +84,5 @@ def test_model_overrides_are_checked(tmp_path):
                                    "hybrid.adversarial=apr", "--set", "learning_rate=1e-3"])
   assert args.set == {"dim": 16, "adversarial": "apr", "learning_rate": 1e-3}
   for bad, message in (("no_such_field=1", "no field"), ("dim", "KEY=VALUE")):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UsageError, match=message):
       bench_quality.parse_args(["--data", str(tmp_path), "--set", bad])

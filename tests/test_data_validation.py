@@ -54,7 +54,7 @@ CASES = [
     ("conflicting_item_text", ITEMS + "b1,books,another title\n", INTERACTIONS,
      r"items\.csv:line 5: item 'b1' of domain 'books' appears again with different text"),
     ("bad_timestamp", ITEMS, "user_id,domain,item_id,label,timestamp\nu1,books,b1,4,yesterday\n",
-     r"interactions\.csv:line 2: field timestamp 'yesterday' is not a number"),
+     r"interactions\.csv:line 2: field timestamp 'yesterday' is not a finite number"),
     ("bad_split", ITEMS, "user_id,domain,item_id,label,split\nu1,books,b1,4,holdout\n",
      r"interactions\.csv:line 2: field split 'holdout' is not one of"),
     ("too_many_fields", ITEMS, "user_id,domain,item_id,label\nu1,books,b1,4,extra\n",
@@ -134,7 +134,7 @@ def test_failed_prepare_leaves_no_half_dataset(tmp_path):
   datasets = data_dir / "cross_domain"
   before = sorted(p.relative_to(datasets) for p in datasets.rglob("*"))
   # Break the source: the fingerprint changes, the new prepare fails mid-way...
-  (good / "interactions.csv").write_text(INTERACTIONS + "u9,books,b1,bad\n")
+  (good / "interactions.csv").write_text(INTERACTIONS + "u9,books,b1,bad,9\n")
   with pytest.raises(DataError, match=r"line 7: field label 'bad'"):
     builder.prepare("byo", str(good), data_dir=str(data_dir))
   after = sorted(p.relative_to(datasets) for p in datasets.rglob("*"))

@@ -2,31 +2,37 @@
 
 Every error names the file, the row (1-based line for CSV/JSONL, 0-based row for Parquet),
 the field and what to do. With ``bad_rows="skip"`` malformed rows are dropped and counted in
-a ``ValidationReport`` instead.
+a ``ValidationReport`` instead. Files are parsed by ``tables`` (no line splitting of text);
+interaction rows are validated column-wise (pyarrow / numpy), labels by ``labels``.
 """
 
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
-import json
-import math
+import logging
 import pathlib
+import time
 from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from crossrec_jax.data import labels as labels_lib
+from crossrec_jax.data.tables import FORMATS, DataError, Places, read_table
 
 SPLITS = ("train", "valid", "test", "history")
 INTERACTION_COLUMNS = ("user_id", "domain", "item_id", "label")
+ID_COLUMNS = ("user_id", "domain", "item_id")
 ITEM_COLUMNS = ("item_id", "domain")
 TAGS_COLUMN = "tags"
-FORMATS = (".csv", ".jsonl", ".parquet")
+__all__ = ["DataError", "FORMATS", "Interaction", "Item", "ValidationReport", "find_table",
+           "iter_rows", "read_items", "read_interactions", "check_against_items"]
+log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
-  """Malformed input data; the message names file, row and field."""
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Interaction:
   user_id: str
   domain: str
@@ -34,7 +40,12 @@ class Interaction:
   label: float
   order: float          # timestamp or position (file order when absent)
   split: str | None = None
-  place: str = ""       # file:line, for error messages
+  where: Any = ""       # 'file:line N', or a Places resolved only when a message needs it
+  row: int = -1
+
+  @property
+  def place(self) -> str:
+    return self.where(self.row) if isinstance(self.where, Places) else self.where
 
 
 @dataclasses.dataclass
@@ -50,6 +61,7 @@ class ValidationReport:
   """Rows skipped under ``bad_rows='skip'``: counts per reason plus the first few places."""
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   examples: list[str] = dataclasses.field(default_factory=list)
+  duplicates: dict[str, int] = dataclasses.field(default_factory=dict)  # domain -> rows dropped
 
   def add(self, reason: str, message: str):
     self.skipped[reason] += 1
@@ -61,10 +73,17 @@ class ValidationReport:
     return sum(self.skipped.values())
 
   def to_dict(self) -> dict[str, Any]:
-    return {"skipped_rows": self.total, "by_reason": dict(self.skipped), "examples": self.examples}
+    return {"skipped_rows": self.total, "by_reason": dict(self.skipped), "examples": self.examples,
+            "duplicates_dropped": dict(self.duplicates)}
+
+  def log_summary(self, what: str):
+    if self.total:
+      reasons = ", ".join(f"{k} {v}" for k, v in self.skipped.most_common())
+      log.warning("%s: skipped %d bad row(s) (bad_rows='skip'): %s; first: %s", what, self.total,
+                  reasons, self.examples[0])
 
 
-class _RowPolicy:
+class RowPolicy:
   def __init__(self, bad_rows: str, report: ValidationReport):
     if bad_rows not in ("fail", "skip"):
       raise ValueError(f"bad_rows must be 'fail' or 'skip', got {bad_rows!r}")
@@ -90,68 +109,17 @@ def find_table(directory: pathlib.Path, stem: str) -> pathlib.Path:
 
 
 def iter_rows(path: pathlib.Path) -> tuple[list[str], Iterator[tuple[str, dict[str, Any]]]]:
-  """(column names, iterator of (place, row dict)); ``place`` is 'file:line N' / 'file:row N'."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise DataError(f"{path}: file does not exist")
-  if path.stat().st_size == 0:
-    raise DataError(f"{path}: file is empty")
-  suffix = path.suffix.lower()
-  if suffix == ".parquet":
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-    try:
-      table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for corrupt files
-      raise DataError(f"{path}: not a readable Parquet file ({e})") from e
-    names = table.column_names
-    rows = table.to_pylist()
-    return names, ((f"{path}:row {i}", r) for i, r in enumerate(rows))
-  try:
-    text = path.read_text(encoding="utf-8")
-  except UnicodeDecodeError as e:
-    line = path.read_bytes()[:e.start].count(b"\n") + 1
-    raise DataError(f"{path}:line {line}: not valid UTF-8 ({e.reason} at byte {e.start}); "
-                    "re-encode the file as UTF-8") from e
-  if not text.strip():
-    raise DataError(f"{path}: file is empty")
-  if suffix == ".csv":
-    reader = csv.DictReader(text.splitlines())
-    names = [n.strip() for n in (reader.fieldnames or [])]
-    reader.fieldnames = names
+  """(column names, iterator of (place, row dict of strings)); malformed rows come first with
+  an ``__error__`` entry."""
+  table = read_table(path)
+  columns = {n: table.columns[n].to_pylist() for n in table.names}
 
-    def csv_rows():
-      for row in reader:
-        if None in row:  # more fields than the header has
-          yield f"{path}:line {reader.line_num}", {"__extra__": row.pop(None), **row}
-        else:
-          yield f"{path}:line {reader.line_num}", row
-    return names, csv_rows()
-  if suffix == ".jsonl":
-    lines = text.splitlines()
-
-    def json_rows():
-      for i, line in enumerate(lines, 1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          yield f"{path}:line {i}", {"__error__": f"invalid JSON ({e.msg})"}
-          continue
-        if not isinstance(row, dict):
-          yield f"{path}:line {i}", {"__error__": "a JSON object per line is expected"}
-          continue
-        yield f"{path}:line {i}", row
-    first = next((json.loads(l) for l in lines if l.strip() and _is_json_object(l)), {})
-    return list(first), json_rows()
-  raise DataError(f"{path}: unsupported format {suffix!r}; use one of {FORMATS}")
-
-
-def _is_json_object(line: str) -> bool:
-  try:
-    return isinstance(json.loads(line), dict)
-  except json.JSONDecodeError:
-    return False
+  def rows():
+    for place, message in table.malformed:
+      yield place, {"__error__": message}
+    for i in range(table.num_rows):
+      yield table.place(i), {n: columns[n][i] for n in table.names}
+  return table.names, rows()
 
 
 def _require_columns(path, names, required):
@@ -161,98 +129,139 @@ def _require_columns(path, names, required):
                     f"{list(required)}")
 
 
-def _malformed(row, place, names, policy) -> bool:
-  """Rows the reader could not split into fields (bad JSON, too many CSV fields)."""
-  if "__error__" in row:
-    policy.bad("malformed_row", f"{place}: {row['__error__']}")
-    return True
-  if "__extra__" in row:
-    policy.bad("malformed_row", f"{place}: more fields than the header's {len(names)}")
-    return True
-  return False
+def _report_malformed(table, policy):
+  for place, message in table.malformed:
+    policy.bad("malformed_row", f"{place}: {message}")
 
 
-def _text(value) -> str:
-  if value is None or (isinstance(value, float) and math.isnan(value)):
-    return ""
-  return str(value).strip()
+def _id_problem(value: str, raw: str | None) -> str | None:
+  if raw:
+    return raw
+  if not value:
+    return "is empty (or whitespace only)"
+  if "\x00" in value:
+    return "contains a NUL character"
+  return None
 
 
 def read_items(path: pathlib.Path, *, bad_rows: str = "fail",
                report: ValidationReport | None = None) -> dict[tuple[str, str], Item]:
   """Items keyed by (domain, item_id). Text = the non-empty text columns joined with '. ';
   a ``tags`` column ('|'-separated, e.g. genres) is read as categorical side features."""
-  policy = _RowPolicy(bad_rows, report or ValidationReport())
-  names, rows = iter_rows(path)
-  _require_columns(path, names, ITEM_COLUMNS)
-  text_columns = [n for n in names if n not in ITEM_COLUMNS and n != TAGS_COLUMN]
+  policy = RowPolicy(bad_rows, report or ValidationReport())
+  table = read_table(path)
+  _require_columns(path, table.names, ITEM_COLUMNS)
+  _report_malformed(table, policy)
+  text_columns = [n for n in table.names if n not in ITEM_COLUMNS and n != TAGS_COLUMN]
+  cols = {n: pc.utf8_trim_whitespace(table.column(n)).to_pylist()
+          for n in (*ITEM_COLUMNS, TAGS_COLUMN, *text_columns)}
+  problems = {n: table.problems.get(n, {}) for n in (*ITEM_COLUMNS, TAGS_COLUMN)}
   items: dict[tuple[str, str], Item] = {}
-  for place, row in rows:
-    if _malformed(row, place, names, policy):
+  for i in range(table.num_rows):
+    item_id, domain = cols["item_id"][i], cols["domain"][i]
+    bad = next(((c, p) for c in ITEM_COLUMNS
+                if (p := _id_problem(cols[c][i], problems[c].get(i)))), None)
+    if bad:
+      policy.bad("empty_id" if bad[1].startswith("is empty") else "bad_id",
+                 f"{table.place(i)}: field {bad[0]} {bad[1]}")
       continue
-    item_id, domain = _text(row.get("item_id")), _text(row.get("domain"))
-    if not item_id or not domain:
-      policy.bad("empty_id", f"{place}: field {'item_id' if not item_id else 'domain'} is empty")
-      continue
-    text = ". ".join(t for t in (_text(row.get(c)) for c in text_columns) if t)
+    text = ". ".join(t for t in (cols[c][i] for c in text_columns) if t)
     key = (domain, item_id)
     if key in items and items[key].text != text:
-      policy.bad("conflicting_item", f"{place}: item {item_id!r} of domain {domain!r} appears "
-                 f"again with different text ({items[key].text[:40]!r} vs {text[:40]!r}); "
-                 "keep one row per item")
+      policy.bad("conflicting_item", f"{table.place(i)}: item {item_id!r} of domain {domain!r} "
+                 f"appears again with different text ({items[key].text[:40]!r} vs "
+                 f"{text[:40]!r}); keep one row per item")
       continue
-    tags = tuple(t.strip() for t in _text(row.get(TAGS_COLUMN)).split("|") if t.strip())
+    tags = tuple(t.strip() for t in cols[TAGS_COLUMN][i].split("|") if t.strip())
     items[key] = Item(item_id, domain, text, tags)
   if not items:
     raise DataError(f"{path}: no valid item rows")
   return items
 
 
+def _numbers(column: pa.Array) -> np.ndarray:
+  """Strings -> float64, NaN where a value is not a number ('1_000', '', 'five')."""
+  try:
+    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+  except pa.ArrowInvalid:  # some value is not a number: parse one by one (error path only)
+    return np.array([labels_lib.parse_number(v) for v in column.to_pylist()], np.float64)
+
+
 def read_interactions(path: pathlib.Path, *, bad_rows: str = "fail",
                       report: ValidationReport | None = None,
-                      rating_scales: dict[str, tuple[float, float]] | None = None) -> list[Interaction]:
-  """Interactions in file order. ``rating_scales`` (domain -> (min, max)) checks explicit labels."""
-  policy = _RowPolicy(bad_rows, report or ValidationReport())
-  names, rows = iter_rows(path)
-  _require_columns(path, names, INTERACTION_COLUMNS)
-  order_column = next((c for c in ("timestamp", "position") if c in names), None)
-  out: list[Interaction] = []
-  for n, (place, row) in enumerate(rows):
-    if _malformed(row, place, names, policy):
-      continue
-    ids = {c: _text(row.get(c)) for c in ("user_id", "domain", "item_id")}
-    empty = [c for c, v in ids.items() if not v]
-    if empty:
-      policy.bad("empty_id", f"{place}: field {empty[0]} is empty")
-      continue
-    try:
-      label = float(row.get("label"))
-      if not math.isfinite(label):
-        raise ValueError
-    except (TypeError, ValueError):
-      policy.bad("bad_label", f"{place}: field label {row.get('label')!r} is not a finite number")
-      continue
-    scale = (rating_scales or {}).get(ids["domain"])
-    if scale and not scale[0] <= label <= scale[1]:
-      policy.bad("label_out_of_scale", f"{place}: field label {label:g} is outside domain "
-                 f"{ids['domain']!r}'s rating scale [{scale[0]:g}, {scale[1]:g}]")
-      continue
-    order = float(n)
-    if order_column:
-      try:
-        order = float(row.get(order_column))
-      except (TypeError, ValueError):
-        policy.bad("bad_order", f"{place}: field {order_column} {row.get(order_column)!r} is "
-                   "not a number")
-        continue
-    split = _text(row.get("split")) or None
-    if split is not None and split not in SPLITS:
-      policy.bad("bad_split", f"{place}: field split {split!r} is not one of {SPLITS}")
-      continue
-    out.append(Interaction(ids["user_id"], ids["domain"], ids["item_id"], label, order, split,
-                           place))
+                      rating_scales: dict[str, tuple[float, float]] | None = None,
+                      domain_tasks: dict[str, str] | None = None) -> list[Interaction]:
+  """Interactions in file order. ``rating_scales`` (domain -> (min, max)) and ``domain_tasks``
+  (domain -> 'rating' | 'implicit') are declarations; undeclared domains are inferred from
+  clean labels only (see ``labels.check_labels``)."""
+  start = time.perf_counter()
+  report = report if report is not None else ValidationReport()
+  policy = RowPolicy(bad_rows, report)
+  table = read_table(path)
+  _require_columns(path, table.names, INTERACTION_COLUMNS)
+  _report_malformed(table, policy)
+  n = table.num_rows
+  order_column = next((c for c in ("timestamp", "position") if c in table.names), None)
+  ids = {c: pc.utf8_trim_whitespace(table.column(c)) for c in ID_COLUMNS}
+  label_text = pc.utf8_trim_whitespace(table.column("label"))
+  label = _numbers(label_text)
+  order = (_numbers(pc.utf8_trim_whitespace(table.column(order_column))) if order_column
+           else np.arange(n, dtype=np.float64))
+  split_text = pc.utf8_trim_whitespace(table.column("split"))
+
+  # Each row's first problem, checked in this order; messages are built for bad rows only.
+  checks: list[tuple[str, str, np.ndarray]] = []
+  for c in ID_COLUMNS:
+    raw = np.zeros(n, bool)
+    raw[list(table.problems.get(c, {}))] = True
+    empty = pc.equal(pc.utf8_length(ids[c]), 0).to_numpy(zero_copy_only=False)
+    nul = pc.match_substring(ids[c], "\x00").to_numpy(zero_copy_only=False)
+    checks.append(("bad_id", c, raw | nul))
+    checks.append(("empty_id", c, empty))
+  raw_label = np.zeros(n, bool)
+  raw_label[list(table.problems.get("label", {}))] = True
+  checks.append(("bad_label", "label", raw_label | ~np.isfinite(label)))
+  if order_column:
+    raw_order = np.zeros(n, bool)
+    raw_order[list(table.problems.get(order_column, {}))] = True
+    checks.append(("bad_order", order_column, raw_order | ~np.isfinite(order)))
+  split_ok = pc.is_in(split_text, value_set=pa.array(("",) + SPLITS)).to_numpy(zero_copy_only=False)
+  checks.append(("bad_split", "split", ~split_ok))
+  first = np.full(n, -1)
+  for k, (_, _, mask) in enumerate(checks):
+    first[(first < 0) & mask] = k
+
+  def message(k, i):
+    reason, field, _ = checks[k]
+    if reason in ("bad_id", "empty_id"):
+      value = table.columns[field][i].as_py()
+      return f"field {field} " + (table.problems.get(field, {}).get(i) or
+                                  _id_problem(value.strip(), None) or f"{value!r} is invalid")
+    problem = table.problems.get(field, {}).get(i)
+    value = (label_text if field == "label" else table.column(field))[i].as_py()
+    if problem:
+      return f"field {field} {value} {problem}"
+    if field == "split":
+      return f"field split {value!r} is not one of {SPLITS}"
+    if not value.strip():
+      return f"field {field} is empty"
+    return f"field {field} {value!r} is not a finite number"
+
+  for i in np.flatnonzero(first >= 0):
+    policy.bad(checks[first[i]][0], f"{table.place(int(i))}: {message(first[i], i)}")
+  keep = first < 0
+  keep &= labels_lib.check_labels(path, ids["domain"], label, keep, table.place, policy,
+                                  rating_scales or {}, domain_tasks or {})
+  rows = np.flatnonzero(keep)
+  take = pa.array(rows)
+  users, domains, items = (ids[c].take(take).to_pylist() for c in ID_COLUMNS)
+  splits = [s or None for s in split_text.take(take).to_pylist()]
+  out = list(map(Interaction, users, domains, items, label[rows].tolist(), order[rows].tolist(),
+                 splits, [table.place] * len(rows), rows.tolist()))
   if not out:
     raise DataError(f"{path}: no valid interaction rows")
+  log.info("%s: read %d rows (%d kept) in %.1f s", path, n + len(table.malformed), len(out),
+           time.perf_counter() - start)
   return out
 
 
@@ -260,17 +269,16 @@ def check_against_items(interactions: list[Interaction], items: dict[tuple[str, 
                         items_path, *, bad_rows: str = "fail",
                         report: ValidationReport | None = None) -> list[Interaction]:
   """Unknown domains and items in interactions vs the item table."""
-  policy = _RowPolicy(bad_rows, report or ValidationReport())
+  policy = RowPolicy(bad_rows, report or ValidationReport())
   item_domains = {d for d, _ in items}
   kept = []
   for x in interactions:
-    if x.domain not in item_domains:
+    if (x.domain, x.item_id) in items:
+      kept.append(x)
+    elif x.domain not in item_domains:
       policy.bad("unknown_domain", f"{x.place}: field domain {x.domain!r} is not a domain of "
                  f"{items_path} (known: {sorted(item_domains)})")
-      continue
-    if (x.domain, x.item_id) not in items:
+    else:
       policy.bad("unknown_item", f"{x.place}: field item_id {x.item_id!r} of domain "
                  f"{x.domain!r} is missing from {items_path}")
-      continue
-    kept.append(x)
   return kept

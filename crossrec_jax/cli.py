@@ -97,12 +97,19 @@ def run_absl(argv: Sequence[str] | None, define: Callable, main: Callable) -> in
   try:
     fv(argv)
     if "config" in fv:
-      _ = fv["config"].value  # loads the config file: its errors surface here
+      getattr(fv["config"].value, "keys", None)  # a config file that failed to load raises here
   except Exception as e:  # pylint: disable=broad-except
     # Flag syntax, a missing / broken config file, a mistyped --config.field: all user input.
     if verbose:
       traceback.print_exception(e, file=sys.stderr)
-    print(f"error: {one_line(e)} (run with --help for the flags)", file=sys.stderr, flush=True)
+    message = one_line(e)
+    if isinstance(e, (KeyError, AttributeError)):  # an override names a field the config lacks
+      field = str(e.args[0]).strip("\"'") if e.args else ""
+      flag = next((a for a in argv if a.startswith("--config.")
+                   and field in a.split("=")[0].split(".")), "--config.?")
+      message = (f"{flag}: the config has no field {field!r} (all fields and defaults: "
+                 "crossrec_jax/config_defaults.py)")
+    print(f"error: {message} (run with --help for the flags)", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # absl logging otherwise warns "logging before flag parsing"

@@ -356,9 +356,6 @@ def _read_inputs(users_path, items_path, scorer: Scorer, mapping_file: str | Non
   """Items, histories grouped by person (as training linked them), tasks, processing config and
   ``person_of(domain, user_id)``."""
   from crossrec_jax.data.from_config import processing_config  # pylint: disable=import-outside-toplevel
-  for flag, path in (("--users", users_path), ("--items", items_path)):
-    if not pathlib.Path(path).is_file():
-      raise ScoringError(f"{flag} {path}: no such file")
   tasks = {d.name: d.task for d in scorer.model_config.domains}
   items = records_lib.read_items(pathlib.Path(items_path))
   unknown = sorted({d for d, _ in items} - set(tasks))
@@ -425,8 +422,9 @@ def run_scoring(checkpoint, users, items, output, *, pairs=None, top_k=0, domain
     raise ScoringError("pass either --pairs FILE (pairs mode) or --top_k K (top-K mode), not both")
   if not pairs and not top_k:
     raise ScoringError("pass --pairs FILE (pairs mode) or --top_k K (top-K mode)")
-  if pairs and not pathlib.Path(pairs).is_file():
-    raise ScoringError(f"--pairs {pairs}: no such file")
+  for flag, path in (("--users", users), ("--items", items), ("--pairs", pairs)):
+    if path and not pathlib.Path(path).is_file():
+      raise ScoringError(f"{flag} {path}: no such file")
   if batch_size <= 0 or chunk_users <= 0:
     raise ScoringError(f"--batch_size {batch_size} must be positive")
   output, fmt = check_output(output, output_format, overwrite)

@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
       # User-linkage secret: "" resolves it (file / CROSSREC_LINK_SECRET / generated per data
       # set; see crossrec_jax/data/link_secret.py). Never stored in checkpoints or logs.
       link_secret="", link_secret_file="",
+      # Declared label semantics per domain, e.g. "books=1:5,movies=0.5:5" and
+      # "music=implicit"; undeclared domains are inferred from clean labels (README: Data).
+      rating_scales="", domain_tasks="",
       mapping_file="", max_profile_items=12, max_items_per_domain=8, max_profile_words=200,
       synthetic_users=400, items_per_domain=120,
       user_max_length=64, item_max_length=24, num_negatives=1,

@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 from typing import Any
 
 import numpy as np
@@ -95,7 +96,11 @@ class CrossDomain(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # inputs are local
-    processed = load_and_process(self.builder_config.source_config)
+    source = self.builder_config.source_config
+    processed = load_and_process(source)
+    _check_splits({k for k, v in processed["examples"].items() if v},
+                  getattr(self, "required_any_of", ()), source.path or source.source,
+                  why=processed.get("split_note", ""))
     self.info.metadata.update({k: processed[k] for k in ("domains", "counts", "report")})
     # tfds cannot write an empty split (e.g. no valid split under an 80/20 ratio): leave it out.
     splits = {name: self._generate_examples(records)
@@ -104,7 +109,10 @@ class CrossDomain(tfds.core.GeneratorBasedBuilder):
     return splits
 
   def _generate_examples(self, records):
-    for i, record in enumerate(records):
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    # disable=None: a bar on a terminal only (writing examples is most of a prepare's time).
+    for i, record in enumerate(tqdm(records, desc="writing examples", unit="example",
+                                    unit_scale=True, file=sys.stderr, disable=None, leave=False)):
       yield i, _EXAMPLE_DEFAULTS | record
 
 
@@ -129,9 +137,11 @@ def read_source(config: SourceConfig):
     scales = {d: (lo, hi) for d, lo, hi in config.processing.rating_scales}
     items = read_items(items_path, bad_rows=config.bad_rows, report=report)
     interactions = read_interactions(interactions_path, bad_rows=config.bad_rows, report=report,
-                                     rating_scales=scales)
+                                     rating_scales=scales,
+                                     domain_tasks=dict(config.processing.domain_tasks))
     interactions = check_against_items(interactions, items, items_path,
                                        bad_rows=config.bad_rows, report=report)
+    report.log_summary(config.path)
     if not interactions:
       raise DataError(f"{interactions_path}: no interaction is left after validation")
   keep = config.processing.domains
@@ -150,36 +160,101 @@ def load_and_process(config: SourceConfig) -> dict[str, Any]:
   """Reads, validates and processes the configured source (no tfds involved)."""
   interactions, items, report = read_source(config)
   processed = build_examples(interactions, items, _with_secret(config).processing)
+  report.duplicates.update(processed.pop("duplicates", {}))
   processed["report"] = report.to_dict()
   return processed
 
 
 def prepare(source: str = "synthetic", path: str = "", *, data_dir: str | None = None,
             bad_rows: str = "fail", processing: ProcessingConfig = ProcessingConfig(),
-            synthetic_config: synthetic.SyntheticConfig = synthetic.SyntheticConfig()
-            ) -> tfds.core.DatasetBuilder:
-  """Prepares (once, cached under ``data_dir``) and returns the builder."""
+            synthetic_config: synthetic.SyntheticConfig = synthetic.SyntheticConfig(),
+            require_any_of: tuple[tuple[str, str], ...] = ()) -> tfds.core.DatasetBuilder:
+  """Prepares (once, cached under ``data_dir``) and returns the builder.
+
+  ``require_any_of``: (split, config key) pairs of which at least one split must have rows
+  (evaluation); checked before anything is written. Two prepares in one ``data_dir`` take
+  turns (a lock on the directory); a failed one leaves no folder it created.
+  """
   if path and not pathlib.Path(path).exists():
     raise DataError(f"{path}: data directory does not exist")
   source_config = _with_secret(SourceConfig(source, str(path), bad_rows, processing,
                                             synthetic_config))
   config = CrossDomainBuilderConfig(name=f"{source}_{source_config.fingerprint()}",
                                     source_config=source_config)
-  builder = CrossDomain(config=config, data_dir=data_dir or DEFAULT_DATA_DIR,
-                        file_format="array_record")
-  if not builder.is_prepared():
-    tfds.disable_progress_bar()
-    config_dir = pathlib.Path(builder.data_dir).parent
-    existed = config_dir.exists()
+  root = pathlib.Path(data_dir or DEFAULT_DATA_DIR)
+  make = lambda: CrossDomain(config=config, data_dir=str(root), file_format="array_record")
+  builder = None if not root.exists() else make()
+  if builder is None or not builder.is_prepared():
+    created = [d for d in (root, root / "downloads", root / "cross_domain",
+                           root / "cross_domain" / config.name) if not d.exists()]
     try:
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      root.mkdir(parents=True, exist_ok=True)
+      with _DirectoryLock(root):
+        builder = make()  # another process may have finished it while this one waited
+        if not builder.is_prepared():
+          _remove_stale_incomplete(root / "cross_domain")
+          tfds.disable_progress_bar()  # our own bars: rows read, examples written
+          builder.required_any_of = tuple(require_any_of)
+          builder.download_and_prepare(
+              download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except BaseException:
-      # tfds already removed its incomplete.* directory; drop the empty config folder too.
-      if not existed and config_dir.exists() and not any(config_dir.rglob("*.array_record*")):
-        shutil.rmtree(config_dir, ignore_errors=True)
+      for d in reversed(created):  # deepest first; only folders this call created
+        _remove_empty_tree(d)
       raise
+  _check_splits(builder.info.splits, require_any_of, str(path or source))
   return builder
+
+
+class _DirectoryLock:
+  """An exclusive flock on the data directory itself (no lock file is left behind)."""
+
+  def __init__(self, directory: pathlib.Path):
+    self.directory, self.fd = directory, None
+
+  def __enter__(self):
+    try:
+      import fcntl  # pylint: disable=import-outside-toplevel
+    except ImportError:  # not POSIX: no cross-process lock
+      return self
+    self.fd = os.open(self.directory, os.O_RDONLY)
+    try:
+      fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"crossrec_jax: another process is preparing data in {self.directory}; waiting for "
+            "it to finish", file=sys.stderr, flush=True)
+      fcntl.flock(self.fd, fcntl.LOCK_EX)
+    return self
+
+  def __exit__(self, *exc):
+    if self.fd is not None:
+      os.close(self.fd)  # closing releases the flock
+
+
+def _remove_stale_incomplete(datasets: pathlib.Path):
+  """``incomplete.*`` folders of a killed prepare (only ever called under the lock)."""
+  if datasets.is_dir():
+    for stale in datasets.glob("*/incomplete.*"):
+      print(f"crossrec_jax: removing {stale}, left by an interrupted prepare", file=sys.stderr)
+      shutil.rmtree(stale, ignore_errors=True)
+
+
+def _remove_empty_tree(directory: pathlib.Path):
+  if not directory.is_dir():
+    return
+  for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+    if not any(sub.iterdir()):
+      sub.rmdir()
+  if not any(directory.iterdir()):
+    directory.rmdir()
+
+
+def _check_splits(present, require_any_of, what: str, why: str = ""):
+  if require_any_of and not any(split in present for split, _ in require_any_of):
+    keys = ", ".join(f"{key}={split!r}" for split, key in require_any_of)
+    raise DataError(f"{what}: the data have no {' or '.join(s for s, _ in require_any_of)} "
+                    f"rows, so evaluation ({keys}) has nothing to evaluate{why}. Give the data a "
+                    "split column with valid/test rows, use data.split='ratio', or point "
+                    f"{require_any_of[0][1]} at a split the data have")
 
 
 def _with_secret(config: SourceConfig) -> SourceConfig:

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from crossrec_jax import data as data_lib
-from crossrec_jax.data import link_secret
+from crossrec_jax.data import labels, link_secret
 from crossrec_jax.models import hf, testing
 
 
@@ -58,7 +58,10 @@ def processing_config(config, secret: link_secret.LinkSecret | None = None
       link_secret=secret.value, mapping_file=d.mapping_file, split=d.split, ratio=tuple(d.ratio),
       seed=config.seed, max_profile_items=d.max_profile_items,
       max_items_per_domain=d.max_items_per_domain, max_profile_words=d.max_profile_words,
-      domains=tuple(d.domains))
+      domains=tuple(d.domains),
+      # Declared labels (DOMAIN=MIN:MAX / DOMAIN=rating|implicit strings, settable from the CLI).
+      rating_scales=labels.parse_rating_scales(d.get("rating_scales", "")),
+      domain_tasks=labels.parse_domain_tasks(d.get("domain_tasks", "")))
 
 
 def prepare_data(config, secret: link_secret.LinkSecret | None = None):
@@ -66,7 +69,11 @@ def prepare_data(config, secret: link_secret.LinkSecret | None = None):
   processing = processing_config(config, secret)
   synthetic = data_lib.SyntheticConfig(num_users=d.synthetic_users,
                                        items_per_domain=d.items_per_domain, seed=config.seed)
+  # Training evaluates on eval_split, else test_split: refuse data with neither at prepare.
+  evaluated = tuple((split, key) for split, key in ((d.eval_split, "data.eval_split"),
+                                                    (d.test_split, "data.test_split")) if split)
   kwargs = dict(data_dir=d.data_dir or None, bad_rows=d.bad_rows, processing=processing,
+                require_any_of=evaluated,
                 synthetic_config=synthetic)
   # One process prepares; the others wait and then read the finished data set.
   if jax.process_index() == 0:

@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import hashlib
 import hmac
+import logging
 import math
 import pathlib
 from typing import Any, Iterable, Sequence
@@ -23,6 +24,7 @@ from crossrec_jax.data.records import DataError, Interaction, Item
 
 CONTEXT_SPLITS = ("train", "history")  # rows a profile may be built from
 TARGET_SPLITS = ("train", "valid", "test")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,22 +54,68 @@ class ProcessingConfig:
   rating_scales: tuple[tuple[str, float, float], ...] = ()
 
 
+def _source_of(x: Interaction) -> str:
+  """The file an interaction came from ('' for generated data), for messages."""
+  place = x.place
+  return place.rsplit(":", 1)[0] if ":line " in place or ":row " in place else place
+
+
 def _domain_spec_dicts(interactions: Sequence[Interaction], config: ProcessingConfig):
   tasks = dict(config.domain_tasks)
   scales = {d: (lo, hi) for d, lo, hi in config.rating_scales}
-  labels = collections.defaultdict(list)
+  labels, first = collections.defaultdict(list), {}
   for x in interactions:
     labels[x.domain].append(x.label)
+    first.setdefault(x.domain, x)
   specs = []
   for domain in sorted(labels):
     values = np.asarray(labels[domain])
     task = tasks.get(domain) or ("implicit" if np.all(np.isin(values, (0.0, 1.0))) else "rating")
     lo, hi = scales.get(domain, (math.floor(values.min()), math.ceil(values.max())))
     if task == "rating" and lo >= hi:
-      raise DataError(f"domain {domain!r}: all ratings equal {lo:g}; configure rating_scales")
+      source = _source_of(first[domain]) or "the data"
+      raise DataError(f"{source}: all ratings of domain {domain!r} equal {lo:g}, so its rating "
+                      f"scale cannot be inferred; declare it: data.rating_scales='{domain}=1:5' "
+                      f"(ProcessingConfig.rating_scales), or data.domain_tasks='{domain}=implicit'")
     specs.append({"name": domain, "task": task, "min_rating": float(lo) if task == "rating" else 0.0,
                   "max_rating": float(hi) if task == "rating" else 1.0})
   return specs
+
+
+def drop_duplicates(interactions: Sequence[Interaction], keys: dict[int, str]):
+  """One row per (user, domain, item): the last by timestamp/position (file order on ties).
+
+  Earlier repeats are dropped and counted: kept, they would sit in the profile of the row that
+  is their own evaluation target, label included. Returns (interactions, keys, dropped per domain).
+  """
+  last: dict[tuple[str, str, str], int] = {}
+  for i, x in enumerate(interactions):
+    k = (keys[i], x.domain, x.item_id)
+    j = last.get(k)
+    if j is None or x.order >= interactions[j].order:
+      last[k] = i
+  if len(last) == len(interactions):
+    return interactions, keys, {}
+  kept = sorted(last.values())
+  kept_set = set(kept)
+  dropped = collections.Counter(x.domain for i, x in enumerate(interactions) if i not in kept_set)
+  example = next(x for i, x in enumerate(interactions) if i not in kept_set)
+  log.warning("%d repeated (user, domain, item) row(s) dropped, keeping the latest of each "
+              "(by timestamp/position, file order on ties): %s; first dropped: %s",
+              sum(dropped.values()), dict(dropped), example.place or example.item_id)
+  return [interactions[i] for i in kept], {n: keys[i] for n, i in enumerate(kept)}, dict(dropped)
+
+
+def _no_train_rows(interactions, splits, keys, mode) -> str:
+  per_group = collections.Counter((keys[i], x.domain) for i, x in enumerate(interactions))
+  source = _source_of(interactions[0]) or "the data"
+  if mode in ("auto", "leave_last_out") and not any(x.split for x in interactions):
+    return (f"{source}: no train rows: leave-last-out makes each user's last interaction per "
+            f"domain a test row (and the one before it a valid row, from 3 on), and these data "
+            f"have at most {max(per_group.values())} interaction(s) per user and domain. Use "
+            "data.split='ratio', add a split column, or give users more interactions")
+  return (f"{source}: no train rows after splitting (data.split={mode!r}); the split column or "
+          "data.ratio must give some rows to train")
 
 
 def read_mapping(path) -> dict[tuple[str, str], str]:
@@ -180,7 +228,10 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
   task = {s["name"]: s["task"] for s in specs}
   index = {s["name"]: i for i, s in enumerate(specs)}
   keys = link_users(interactions, config)
+  interactions, keys, duplicates = drop_duplicates(interactions, keys)
   splits = assign_splits(interactions, keys, config)
+  if "train" not in splits:
+    raise DataError(_no_train_rows(interactions, splits, keys, config.split))
 
   by_user = collections.defaultdict(list)
   for i, x in enumerate(interactions):
@@ -236,7 +287,7 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
                    "item_in_train": (d, i) in train_items}
                   for (d, i), it in sorted(items.items()) if d in index]
   return {"examples": examples, "items": item_records, "domains": specs,
-          "counts": _counts(interactions, splits, keys, item_records)}
+          "counts": _counts(interactions, splits, keys, item_records), "duplicates": duplicates}
 
 
 def _counts(interactions, splits, keys, item_records) -> dict[str, Any]:

@@ -133,6 +133,10 @@ def _read_csv(path: pathlib.Path) -> Table:
     raise DataError(f"{path}: not a readable CSV file ({e})") from e
   table = pa.Table.from_batches(batches, schema=reader.schema)
   n_records = table.num_rows + len(bad_records)
+  if data.count(b'"') % 2:  # an unclosed quote swallows the rest of the file into one field
+    start = _record_lines(data, n_records)[-1] if n_records else 1
+    raise DataError(f"{path}:line {start}: a quoted field is never closed (the file has an odd "
+                    "number of '\"'); close the quote, or write a quote inside a field as \"\"")
   good = np.ones(n_records, bool)
   good[list(bad_records)] = False
   record_of_row = np.flatnonzero(good)

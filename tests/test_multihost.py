@@ -67,3 +67,41 @@ def test_two_process_training_resumes_and_matches_one_process(tmp_path):
   # Same global batches and mesh shape; only the cross-process reduction order may differ.
   np.testing.assert_allclose([losses_multi[s] for s in range(1, 7)],
                              [losses_single[s] for s in range(1, 7)], rtol=1e-5)
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_both_and_exits_143(tmp_path):
+  """SIGTERM reaches one host only (as on a preempted pod worker): JAX's preemption service
+  tells the other, both save the same step and exit 143 so the scheduler re-runs the job."""
+  import signal
+  import time
+  workdir, data_dir = tmp_path / "run", tmp_path / "tfds"
+  port = _free_port()
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  procs = []
+  for i in range(2):
+    with open(logs[i], "w") as log:  # files, not pipes: a full pipe would block the child
+      procs.append(subprocess.Popen(
+          _command(workdir, data_dir, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                   "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                   "--config.train_steps=100000", "--config.checkpoint_every=0",
+                   "--config.adversarial.method=none"),  # half the compile time; same save path
+          env=_env(4), stdout=log, stderr=subprocess.STDOUT))
+  try:
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 400
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+      assert time.time() < deadline and all(p.poll() is None for p in procs), \
+          [l.read_text()[-3000:] for l in logs]
+      time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)  # the non-primary host only
+    codes = [p.wait(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outputs = [l.read_text() for l in logs]
+  assert codes == [143, 143], [o[-3000:] for o in outputs]
+  saved = [int(o.split("SIGTERM received: saved step ")[1].split()[0]) for o in outputs]
+  assert saved[0] == saved[1], saved
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [saved[0]]

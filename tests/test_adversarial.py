@@ -83,3 +83,28 @@ def test_small_eps_is_continuous_with_plain_loss():
 def test_unknown_method_is_refused():
   with pytest.raises(ValueError, match="adversarial.method must be one of"):
     adversarial.regularized_loss(_loss_of_embeds(), _embeds(), _cfg("vat"), jax.random.key(0))
+
+
+@pytest.mark.parametrize("method", ["fgm", "pgd"])
+def test_bf16_embeddings_get_the_exact_float32_perturbation(method):
+  """With bf16 embeddings of a BERT-like shape and scale, the perturbation is computed and added
+  in float32: the applied change is the intended one, where adding it in bf16 would round most
+  coordinates away (per coordinate it is ~eps / sqrt(T * H), far below a bf16 ulp)."""
+  w = 0.1 * jax.random.normal(jax.random.key(1), (256,))
+
+  def loss(e):
+    logits = jnp.einsum("bth,h->b", jnp.tanh(e["user"].astype(jnp.float32)), w)
+    return jnp.mean(jnp.square(logits - 1.0)), {"logit": logits, "rating": logits}
+
+  embeds = {"user": (0.05 * jax.random.normal(jax.random.key(0), (2, 64, 256))).astype(jnp.bfloat16)}
+  eps = 0.02
+  r = (adversarial.fgm_perturbation(loss, embeds, eps) if method == "fgm" else
+       adversarial.pgd_perturbation(loss, embeds, eps, 0.01, 2, jax.random.key(3)))
+  e, d, a = embeds["user"], r["user"], adversarial.perturb(embeds, r)["user"]
+  assert d.dtype == jnp.float32 and a.dtype == jnp.float32
+  change = np.asarray(a) - np.asarray(e, np.float32)
+  np.testing.assert_allclose(change, np.asarray(d), rtol=1e-3, atol=1e-8)  # f32 rounding of e + d
+  assert np.mean(change == 0) < 0.01
+  assert np.all(np.sqrt(np.sum(np.square(np.asarray(d)), axis=(1, 2))) <= eps * (1 + 1e-4))
+  in_bf16 = np.asarray((e + d.astype(jnp.bfloat16)).astype(jnp.float32) - e.astype(jnp.float32))
+  assert np.mean(in_bf16 == 0) > 0.3  # what adding in bf16 loses (the bug this guards against)

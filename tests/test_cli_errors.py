@@ -199,3 +199,28 @@ def test_python_m_entry_point_exit_code(tmp_path):
   assert out.returncode == 2, out.stderr[-3000:]
   assert out.stderr.strip().splitlines()[-1].startswith("error: --config.data.split='random'")
   assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+
+
+def test_gs_workdir_reaches_orbax_unchanged(monkeypatch):
+  """``gs://bucket/run`` stays a bucket URL all the way to Orbax (pathlib would make it
+  ``gs:/bucket/run``). No network: Orbax's manager and the bucket's file checks are faked."""
+  from etils import epath
+  from crossrec_jax import checkpoint as ckpt_lib, config_check
+  gpath = type(epath.Path("gs://bucket/run"))
+  monkeypatch.setattr(gpath, "exists", lambda self: True)  # an existing run in the bucket
+  monkeypatch.setattr(gpath, "is_dir", lambda self: True)
+  seen = []
+
+  class FakeManager:
+    def __init__(self, directory, **kwargs):
+      del kwargs
+      seen.append(directory)
+
+  monkeypatch.setattr(ckpt_lib.ocp, "CheckpointManager", FakeManager)
+  workdir = config_check.check_workdir("gs://bucket/run")   # what train / evaluate do first
+  assert str(workdir) == "gs://bucket/run"
+  ckpt_lib.Checkpointer(workdir / "checkpoints")              # what train builds
+  run_dir, ckpt_dir = score._checkpoint_paths("gs://bucket/run")  # what score resolves
+  ckpt_lib.Checkpointer(ckpt_dir)
+  assert [str(d) for d in seen] == ["gs://bucket/run/checkpoints"] * 2
+  assert str(run_dir) == "gs://bucket/run"

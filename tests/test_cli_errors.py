@@ -224,3 +224,70 @@ def test_gs_workdir_reaches_orbax_unchanged(monkeypatch):
   ckpt_lib.Checkpointer(ckpt_dir)
   assert [str(d) for d in seen] == ["gs://bucket/run/checkpoints"] * 2
   assert str(run_dir) == "gs://bucket/run"
+
+
+def test_score_links_users_exactly_as_training_with_a_mapping_file(tmp_path):
+  """With data.mapping_file, scoring keys each history by the mapped person (as training did):
+  one person's rows on two platforms form one user whose key is training's key."""
+  import types
+  from crossrec_jax import config_defaults
+  from crossrec_jax.data import SourceConfig, load_and_process
+  from crossrec_jax.data.link_secret import LinkSecret
+  from crossrec_jax.data.processing import link_key
+  from crossrec_jax.models import DomainSpec
+  (tmp_path / "items.csv").write_text(
+      "item_id,domain,title\nb1,books,the dark city\nb2,books,tea\ns1,shop,blue pen\ns2,shop,paper\n")
+  (tmp_path / "interactions.csv").write_text(
+      "user_id,domain,item_id,label,timestamp\nalice@books,books,b1,5,1\nA-77,shop,s1,1,2\n"
+      "alice@books,books,b2,2,3\nA-77,shop,s2,1,4\nbob@books,books,b2,4,1\nbob@books,books,b1,3,2\n")
+  mapping = tmp_path / "mapping.csv"
+  mapping.write_text("domain,user_id,person_id\nbooks,alice@books,person-1\nshop,A-77,person-1\n")
+  config = config_defaults.base_config()
+  config.data.source, config.data.path = "byo", str(tmp_path)
+  config.data.mapping_file = str(mapping)
+  secret = LinkSecret("s3cret", "test")
+  trained = load_and_process(SourceConfig("byo", str(tmp_path),
+                                          processing=from_config.processing_config(config, secret)))
+  train_keys = {r["user_key"] for recs in trained["examples"].values() for r in recs}
+  scorer = types.SimpleNamespace(
+      model_config=types.SimpleNamespace(domains=[DomainSpec("books", "rating", 1, 5),
+                                                  DomainSpec("shop", "implicit")]),
+      config=config, link_secret=secret)
+  _, by_person, _, pconfig, person_of = score._read_inputs(
+      tmp_path / "interactions.csv", tmp_path / "items.csv", scorer)
+  assert sorted(by_person) == ["bob@books", "person-1"]
+  assert {x.domain for x in by_person["person-1"]} == {"books", "shop"}
+  assert {link_key(pconfig.link_secret, p) for p in by_person} == train_keys
+  assert person_of("shop", "A-77") == "person-1"
+  # The mapping moved: --mapping_file points the scorer at it; a missing one is a clear error.
+  config.data.mapping_file = str(tmp_path / "gone.csv")
+  with pytest.raises(score.ScoringError, match="--mapping_file"):
+    score._read_inputs(tmp_path / "interactions.csv", tmp_path / "items.csv", scorer)
+  _, by_person, _, _, _ = score._read_inputs(tmp_path / "interactions.csv", tmp_path / "items.csv",
+                                             scorer, mapping_file=str(mapping))
+  assert sorted(by_person) == ["bob@books", "person-1"]
+
+
+def test_corrupt_newest_checkpoint_falls_back_loudly_naming_both_steps(tmp_path, capsys):
+  import numpy as np
+  from crossrec_jax import checkpoint as ckpt_lib
+  state = {"w": np.arange(4, dtype=np.float32)}
+  ckpt = ckpt_lib.Checkpointer(tmp_path / "checkpoints", keep=3, async_save=False)
+  for step in (3, 6):
+    ckpt.save(step, {"w": state["w"] + step}, None, {"model": {}})
+  ckpt.close()
+  for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+      f.write_bytes(b"\0garbage" * 4)
+  ckpt = ckpt_lib.Checkpointer(tmp_path / "checkpoints", async_save=False)
+  abstract = {"w": _abstract(state["w"])}
+  step, restored, _, _ = ckpt.restore(abstract)
+  ckpt.close()
+  err = capsys.readouterr().err
+  assert step == 3 and float(restored["w"][0]) == 3.0
+  assert "WARNING" in err and "step 6" in err and "restored step 3" in err
+
+
+def _abstract(x):
+  import jax
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from crossrec_jax.data import link_secret, movielens, synthetic
+from crossrec_jax.data import fast_write, link_secret, movielens, synthetic
 from crossrec_jax.data.processing import ProcessingConfig, build_examples
 from crossrec_jax.data.records import (DataError, ValidationReport, check_against_items, find_table,
                                        read_interactions, read_items)
@@ -103,17 +103,21 @@ class CrossDomain(tfds.core.GeneratorBasedBuilder):
                   why=processed.get("split_note", ""))
     self.info.metadata.update({k: processed[k] for k in ("domains", "counts", "report")})
     # tfds cannot write an empty split (e.g. no valid split under an 80/20 ratio): leave it out.
-    splits = {name: self._generate_examples(records)
-              for name, records in processed["examples"].items() if records}
-    splits["items"] = self._generate_examples(processed["items"])
-    return splits
+    groups = {name: records for name, records in processed["examples"].items() if records}
+    groups["items"] = processed["items"]
+    samples = [_EXAMPLE_DEFAULTS | r for records in groups.values() for r in records[:2]]
+    self._serialize = fast_write.serializer(self.info.features, samples)
+    return {name: self._generate_examples(records) for name, records in groups.items()}
 
   def _generate_examples(self, records):
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     # disable=None: a bar on a terminal only (writing examples is most of a prepare's time).
-    for i, record in enumerate(tqdm(records, desc="writing examples", unit="example",
-                                    unit_scale=True, file=sys.stderr, disable=None, leave=False)):
-      yield i, _EXAMPLE_DEFAULTS | record
+    bar = tqdm(records, desc="writing examples", unit="example", unit_scale=True,
+               file=sys.stderr, disable=None, leave=False)
+    serialize = getattr(self, "_serialize", None)
+    for i, record in enumerate(bar):
+      record = _EXAMPLE_DEFAULTS | record
+      yield i, serialize(record) if serialize else record
 
 
 def read_source(config: SourceConfig):
@@ -195,8 +199,9 @@ def prepare(source: str = "synthetic", path: str = "", *, data_dir: str | None =
           _remove_stale_incomplete(root / "cross_domain")
           tfds.disable_progress_bar()  # our own bars: rows read, examples written
           builder.required_any_of = tuple(require_any_of)
-          builder.download_and_prepare(
-              download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+          with fast_write.pass_serialized_through():
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except BaseException:
       for d in reversed(created):  # deepest first; only folders this call created
         _remove_empty_tree(d)

@@ -199,15 +199,23 @@ def _item_line(x: Interaction, items, task: str, config: ProcessingConfig) -> st
 
 def select_profile(entries: Iterable[tuple[str, str]], config: ProcessingConfig) -> str:
   """Joins (domain, line) entries, newest first, within the per-domain and total caps."""
-  chosen, per_domain, words = [], collections.Counter(), 0
-  for domain, line in entries:
-    if len(chosen) >= config.max_profile_items or words >= config.max_profile_words:
+  return _select(((d, line, len(line.split())) for d, line in entries), config)
+
+
+def _select(entries: Iterable[tuple[str, str, int]], config: ProcessingConfig) -> str:
+  """``select_profile`` over (domain, line, word count): build_examples counts words once per
+  line, not once per target that line precedes."""
+  chosen, per_domain, words = [], {}, 0
+  max_items, max_words, per_cap = (config.max_profile_items, config.max_profile_words,
+                                   config.max_items_per_domain)
+  for domain, line, n_words in entries:
+    if len(chosen) >= max_items or words >= max_words:
       break
-    n_words = len(line.split())
-    if per_domain[domain] >= config.max_items_per_domain or words + n_words > config.max_profile_words:
+    used = per_domain.get(domain, 0)
+    if used >= per_cap or words + n_words > max_words:
       continue
     chosen.append(line)
-    per_domain[domain] += 1
+    per_domain[domain] = used + 1
     words += n_words
   return config.separator.join(chosen)
 
@@ -248,6 +256,7 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
     for i in context:
       domain_orders[interactions[i].domain].append(interactions[i].order)
     lines = [_item_line(interactions[i], items, task[interactions[i].domain], config) for i in context]
+    entries = [(interactions[i].domain, line, len(line.split())) for i, line in zip(context, lines)]
     for target in rows:
       split = splits[target]
       x = interactions[target]
@@ -263,8 +272,7 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
       # Strictly earlier context only: never the target itself, nothing at or after its time.
       end = bisect.bisect_left(context_order, x.order)
       in_domain = bisect.bisect_left(domain_orders[x.domain], x.order)
-      profile = select_profile(((interactions[context[j]].domain, lines[j])
-                                for j in range(end - 1, -1, -1)), config)  # newest first
+      profile = _select(map(entries.__getitem__, range(end - 1, -1, -1)), config)  # newest first
       # Ranking evaluation excludes the user's earlier items of the target domain.
       history = [] if task[x.domain] != "implicit" else [
           interactions[context[j]].item_id for j in range(end - 1, -1, -1)

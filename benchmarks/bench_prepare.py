@@ -1,0 +1,154 @@
+"""Prepare speed on generated bring-your-own data (default 300k interaction rows).
+
+Reader: the pre-fix reader (``str.splitlines()`` + ``csv.DictReader`` + per-row checks; kept
+below verbatim in substance as the baseline) against ``records.read_interactions`` (pyarrow
+CSV + column-wise checks), same file, same process, rows/s and the ratio.
+Prepare: read + process + write of the whole tfds data set, with tfds's generic example
+serializer (what every prepare used before) and with ``fast_write``; rows/s and the ratio,
+plus where the time goes. ``--old_src DIR`` also times a whole prepare of an older checkout
+(e.g. ``git archive 477438d | tar -x -C DIR``) in a subprocess.
+
+  python benchmarks/bench_prepare.py [--rows 300000] [--skip_prepare] [--old_src DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+from crossrec_jax.data import builder, fast_write, records
+from crossrec_jax.data.processing import ProcessingConfig, build_examples
+
+
+def generate(root: pathlib.Path, rows: int, seed: int = 0):
+  rng = random.Random(seed)
+  root.mkdir(parents=True, exist_ok=True)
+  n_items, n_users = 2000, max(rows // 20, 1)
+  with open(root / "items.csv", "w", encoding="utf-8", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["item_id", "domain", "title", "description"])
+    for d in ("books", "movies"):
+      for i in range(n_items):
+        w.writerow([f"{d[0]}{i}", d, f"title {i}, vol. {i % 7}", f"some description words {i}"])
+  with open(root / "interactions.csv", "w", encoding="utf-8", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["user_id", "domain", "item_id", "label", "timestamp"])
+    for k in range(rows):
+      d = rng.choice(("books", "movies"))
+      w.writerow([f"u{rng.randrange(n_users)}", d, f"{d[0]}{rng.randrange(n_items)}",
+                  rng.randint(1, 5), 1_600_000_000 + k])
+
+
+def old_read_interactions(path: pathlib.Path) -> list:
+  """The reader before issue 13: whole file -> str.splitlines() -> DictReader -> per-row checks."""
+  text = path.read_text(encoding="utf-8")
+  reader = csv.DictReader(text.splitlines())
+  names = [n.strip() for n in (reader.fieldnames or [])]
+  reader.fieldnames = names
+  order_column = next((c for c in ("timestamp", "position") if c in names), None)
+  out = []
+  for n, row in enumerate(reader):
+    place = f"{path}:line {reader.line_num}"
+    if None in row:
+      raise ValueError(f"{place}: more fields than the header's {len(names)}")
+    ids = {c: str(row.get(c) or "").strip() for c in ("user_id", "domain", "item_id")}
+    if not all(ids.values()):
+      raise ValueError(f"{place}: empty id")
+    label = float(row.get("label"))
+    if not math.isfinite(label):
+      raise ValueError(f"{place}: label")
+    order = float(row.get(order_column)) if order_column else float(n)
+    split = str(row.get("split") or "").strip() or None
+    out.append(records.Interaction(ids["user_id"], ids["domain"], ids["item_id"], label, order,
+                                   split, place))
+  return out
+
+
+def _best(fn, repeats: int):
+  best, result = math.inf, None
+  for _ in range(repeats):
+    start = time.perf_counter()
+    result = fn()
+    best = min(best, time.perf_counter() - start)
+  return best, result
+
+
+def bench_reader(root: pathlib.Path, repeats: int):
+  path = root / "interactions.csv"
+  old_s, old = _best(lambda: old_read_interactions(path), repeats)
+  new_s, new = _best(lambda: records.read_interactions(path), repeats)
+  assert len(old) == len(new) and old[-1].item_id == new[-1].item_id
+  n = len(new)
+  print(f"reader   old {old_s:7.2f} s  {n / old_s:10,.0f} rows/s | new {new_s:7.2f} s  "
+        f"{n / new_s:10,.0f} rows/s | ratio {old_s / new_s:.1f}x")
+  return n, old_s, new_s
+
+
+def bench_prepare(root: pathlib.Path, rows: int, data_dir: pathlib.Path):
+  processing = ProcessingConfig(link_secret="bench")
+  source = builder.SourceConfig("byo", str(root), processing=processing)
+  start = time.perf_counter()
+  interactions, items, _ = builder.read_source(source)
+  read_s = time.perf_counter() - start
+  start = time.perf_counter()
+  build_examples(interactions, items, processing)
+  process_s = time.perf_counter() - start
+  totals = {}
+  original = fast_write.serializer
+  for name, serializer in (("tfds serializer", lambda *a: None), ("fast_write", original)):
+    fast_write.serializer = serializer
+    try:
+      start = time.perf_counter()
+      builder.prepare("byo", str(root), data_dir=str(data_dir / name.replace(" ", "_")),
+                      processing=processing)
+      totals[name] = time.perf_counter() - start
+    finally:
+      fast_write.serializer = original
+  for name, total in totals.items():
+    print(f"prepare  {name:16s} {total:7.1f} s  {rows / total:9,.0f} rows/s  (read {read_s:.1f} s, "
+          f"process {process_s:.1f} s, write {total - read_s - process_s:.1f} s)")
+  old, new = totals["tfds serializer"], totals["fast_write"]
+  print(f"prepare  ratio {old / new:.1f}x")
+  return totals
+
+
+def bench_old_checkout(root: pathlib.Path, rows: int, old_src: str, data_dir: pathlib.Path):
+  code = ("import time; from crossrec_jax.data import builder; t = time.perf_counter(); "
+          f"builder.prepare('byo', {str(root)!r}, data_dir={str(data_dir / 'old_checkout')!r}); "
+          "print(time.perf_counter() - t)")
+  env = dict(os.environ, PYTHONPATH=old_src)
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True, cwd=old_src)
+  total = float(out.stdout.strip().splitlines()[-1])
+  print(f"prepare  old checkout     {total:7.1f} s  {rows / total:9,.0f} rows/s ({old_src})")
+  return total
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rows", type=int, default=300_000)
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--skip_prepare", action="store_true", help="time the readers only")
+  parser.add_argument("--old_src", default="", help="an older checkout to time a whole prepare of")
+  args = parser.parse_args()
+  with tempfile.TemporaryDirectory() as tmp:
+    root = pathlib.Path(tmp) / "byo"
+    generate(root, args.rows)
+    print(f"{args.rows:,} interaction rows, {(root / 'interactions.csv').stat().st_size / 1e6:.1f} MB")
+    bench_reader(root, args.repeats)
+    if not args.skip_prepare:
+      bench_prepare(root, args.rows, pathlib.Path(tmp) / "tfds")
+    if args.old_src:
+      bench_old_checkout(root, args.rows, args.old_src, pathlib.Path(tmp) / "tfds")
+
+
+if __name__ == "__main__":
+  main()

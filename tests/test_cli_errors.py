@@ -291,3 +291,21 @@ def test_corrupt_newest_checkpoint_falls_back_loudly_naming_both_steps(tmp_path,
 def _abstract(x):
   import jax
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
+def test_sharding_logs_each_replicated_parameter_once(caplog):
+  """A dimension the mesh cannot divide (hidden 12 on a 8-way fsdp axis) stays replicated and
+  says so, once per parameter name, not once per array (params and Adam moments share names)."""
+  import jax
+  from crossrec_jax import sharding
+  mesh = sharding.create_mesh({"fsdp": -1})
+  tree = {"odd_layer": {"kernel": jax.ShapeDtypeStruct((12, 16), "float32")},
+          "ok": jax.ShapeDtypeStruct((16, 16), "float32")}
+  logical = {"odd_layer": {"kernel": ("embed", "mlp")}, "ok": ("embed", "mlp")}
+  with caplog.at_level("WARNING", logger="crossrec_jax.sharding"):
+    for _ in range(3):
+      out = sharding.tree_shardings(tree, logical, sharding.DEFAULT_RULES, mesh)
+  assert out["odd_layer"]["kernel"].spec == jax.sharding.PartitionSpec(None, None)
+  assert out["ok"].spec == jax.sharding.PartitionSpec("fsdp", None)
+  messages = [r.getMessage() for r in caplog.records]
+  assert len(messages) == 1 and "odd_layer/kernel" in messages[0] and "12" in messages[0], messages

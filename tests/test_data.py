@@ -85,40 +85,103 @@ def test_same_user_id_links_across_domains(tmp_path):
   assert not set(domains_per_user) & {r["user_key"] for s in other["examples"].values() for r in s}
 
 
+def _profile_items(profile):
+  """'books: the dark city (rated 5) | music: blue jazz' -> [(domain, item text), ...]."""
+  items = []
+  for line in filter(None, profile.split(" | ")):
+    domain, text = line.split(": ", 1)
+    items.append((domain, text.rsplit(" (rated", 1)[0]))
+  return items
+
+
+def _check_profiles_use_earlier_train_items(out, texts):
+  """Every profile line of every split is one of the user's train interactions strictly before
+  the target, newest first; returns the number of lines checked."""
+  train = {}
+  for r in out["examples"]["train"]:
+    train.setdefault(r["user_key"], []).append((r["order"], r["domain"], texts[(r["domain"], r["item_id"])]))
+  checked = 0
+  for split, records in out["examples"].items():
+    for r in records:
+      allowed = {(d, t): o for o, d, t in train.get(r["user_key"], []) if o < r["order"]}
+      lines = _profile_items(r["profile"])
+      for line in lines:
+        assert line in allowed, (f"{split} target {r['domain']}/{r['item_id']} of {r['raw_user_id']}: "
+                                 f"profile item {line} is not an earlier train interaction")
+      orders = [allowed[line] for line in lines]
+      assert orders == sorted(orders, reverse=True), f"{split}: profile not newest first"
+      checked += len(lines)
+  return checked
+
+
 def test_no_leakage_leave_last_out():
   interactions, items = synthetic.generate(SMALL)
-  out = load_and_process(SourceConfig("synthetic", synthetic=SMALL))
+  out = load_and_process(SourceConfig("synthetic", synthetic=SMALL,
+                                      processing=ProcessingConfig(store_raw_user_ids=True)))
   texts = {(d, i): it.text for (d, i), it in items.items()}
-  by_user_order = {}
-  for x in interactions:  # raw order of every (user, item) to check "nothing after the target"
-    by_user_order.setdefault(x.user_id, []).append(x)
-  checked = 0
-  for split in ("valid", "test"):
+  by_user_domain = {}
+  for x in sorted(interactions, key=lambda x: x.order):
+    by_user_domain.setdefault((x.user_id, x.domain), []).append(x.item_id)
+  # Test targets are each user's last item of the domain, valid targets the one before.
+  for split, position in (("test", -1), ("valid", -2)):
+    assert out["examples"][split]
     for r in out["examples"][split]:
-      # The target item's own text never appears in its profile (items are unique per user).
-      lines = [l.split(": ", 1)[1].rsplit(" (rated", 1)[0] for l in filter(None, r["profile"].split(" | "))]
-      assert texts[(r["domain"], r["item_id"])] not in lines
-      # The target is the user's last (test) or second-last (valid) item of its domain.
-      checked += 1
-  assert checked > 0
-  # Every profile line is an item the user interacted with strictly before the target.
-  for r in out["examples"]["train"][:200]:
-    user = next(u for u, xs in by_user_order.items() if link_key("crossrec-default-secret", u) == r["user_key"])
-    earlier = {texts[(x.domain, x.item_id)] for x in by_user_order[user] if x.order < r["order"]}
-    for line in filter(None, r["profile"].split(" | ")):
-      text = line.split(": ", 1)[1].rsplit(" (rated", 1)[0]
-      assert text in earlier
+      history = by_user_domain[(r["raw_user_id"], r["domain"])]
+      assert r["item_id"] == history[position], (split, r["raw_user_id"], r["domain"], history)
+      # ...and their text never appears in the profile (items are unique per user).
+      assert (r["domain"], texts[(r["domain"], r["item_id"])]) not in _profile_items(r["profile"])
+  assert {(r["raw_user_id"], r["domain"]) for r in out["examples"]["test"]} == set(by_user_domain)
+  assert _check_profiles_use_earlier_train_items(out, texts) > 500
 
 
 def test_no_leakage_ratio_split_profiles_use_train_only(tmp_path):
-  out = load_and_process(SourceConfig("synthetic", synthetic=SMALL,
-                                      processing=ProcessingConfig(split="ratio", ratio=(0.6, 0.2, 0.2))))
-  test_pairs = {(r["user_key"], r["domain"], r["item_id"]) for r in out["examples"]["test"]}
-  assert test_pairs
-  for split in ("train", "valid", "test"):
-    for r in out["examples"][split]:
-      assert r["history_items"] == [] or all(
-          (r["user_key"], r["domain"], h) not in test_pairs for h in r["history_items"])
+  _, items = synthetic.generate(SMALL)
+  texts = {(d, i): it.text for (d, i), it in items.items()}
+  out = load_and_process(SourceConfig("synthetic", synthetic=SMALL, processing=ProcessingConfig(
+      split="ratio", ratio=(0.6, 0.2, 0.2), store_raw_user_ids=True)))
+  held_out = {(r["user_key"], r["domain"], texts[(r["domain"], r["item_id"])])
+              for s in ("valid", "test") for r in out["examples"][s]}
+  assert held_out
+  # The profile TEXT (rating domains included, whose history_items are empty) holds no valid or
+  # test item of the same user.
+  for split, records in out["examples"].items():
+    for r in records:
+      leaked = [(d, t) for d, t in _profile_items(r["profile"]) if (r["user_key"], d, t) in held_out]
+      assert not leaked, f"{split} profile of {r['raw_user_id']} contains held-out items {leaked}"
+      assert all((r["user_key"], r["domain"], texts[(r["domain"], h)]) not in held_out
+                 for h in r["history_items"])
+  assert _check_profiles_use_earlier_train_items(out, texts) > 500
+
+
+def test_prepare_failing_after_records_were_written_leaves_nothing_behind(tmp_path, monkeypatch):
+  """The writer fails once a split's array_record files are on disk in tfds's incomplete.*
+  directory, midway through the next split: no partial data set and no empty folder stay, an
+  earlier data set in the same data_dir is untouched, and the next prepare builds it in full."""
+  data_dir = tmp_path / "tfds"
+  builder.prepare("synthetic", data_dir=str(data_dir), synthetic_config=SMALL)
+  before = sorted(p.relative_to(data_dir) for p in data_dir.rglob("*"))
+  other = SyntheticConfig(num_users=40, items_per_domain=20, seed=3)
+  original = builder.CrossDomain._generate_examples  # pylint: disable=protected-access
+  written = []
+
+  def failing(self, records):
+    for n, example in enumerate(original(self, records)):
+      if n == 5 and not written:
+        written.extend(p for p in data_dir.rglob("*.array_record*") if "incomplete" in str(p))
+        if written:
+          raise OSError("simulated write failure in the middle of a split")
+      yield example
+
+  monkeypatch.setattr(builder.CrossDomain, "_generate_examples", failing)
+  with pytest.raises(OSError, match="simulated write failure"):
+    builder.prepare("synthetic", data_dir=str(data_dir), synthetic_config=other)
+  assert written, "the failure came before any record was written"
+  assert sorted(p.relative_to(data_dir) for p in data_dir.rglob("*")) == before
+  monkeypatch.setattr(builder.CrossDomain, "_generate_examples", original)
+  src = builder.prepare("synthetic", data_dir=str(data_dir), synthetic_config=other).as_data_source()
+  expected = load_and_process(SourceConfig("synthetic", synthetic=other))
+  assert {k: len(src[k]) for k in expected["examples"]} == {
+      k: len(v) for k, v in expected["examples"].items()}
 
 
 def test_cold_users_get_profiles_from_other_domains():

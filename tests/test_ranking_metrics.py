@@ -1,0 +1,81 @@
+"""Ranking metrics with hand-computed values: the rank of a target (ties count half, excluded
+items and the target), HR@10, NDCG@10 and AUC, on the host (metrics.py) and on device in blocks
+(ranking.py); and the evaluator's exclusion of each user's earlier items."""
+
+import types
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from crossrec_jax import evaluate as eval_lib
+from crossrec_jax import metrics, ranking
+
+# 12 items, so that a rank can fall outside the top 10.
+SCORES = np.array([
+    # A: the target (item 0) is strictly best; its own exclusion is ignored.
+    [0.9, 0.1, 0.2, 0.3, 0.1, 0.2, 0.3, 0.1, 0.2, 0.3, 0.1, 0.2],
+    # B: 10 items strictly above the target (item 11), one below.
+    [0.9, 0.8, 0.8, 0.7, 0.7, 0.6, 0.6, 0.5, 0.5, 0.4, 0.0, 0.3],
+    # C: target item 3 (0.5); items 0-2 above, 4-5 tied, 6-11 below. Items 0 and 4 excluded.
+    [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    # D: a constant scorer: 11 ties count half -> the expected rank 5.5, AUC 0.5.
+    [0.3] * 12,
+], np.float32)
+TARGET = np.array([0, 11, 3, 7])
+EXCLUDE = np.zeros(SCORES.shape, bool)
+EXCLUDE[0, 0] = True                # the target is never excluded
+EXCLUDE[2, [0, 4]] = True
+# A: rank 0 of 12. B: rank 10 of 12. C: 2 above (1, 2) + 1 tie (5) / 2 = 2.5 of 10. D: 5.5 of 12.
+RANK, CANDIDATES = [0.0, 10.0, 2.5, 5.5], [12, 12, 10, 12]
+HR10 = (1 + 0 + 1 + 1) / 4
+NDCG10 = (1 + 0 + 1 / np.log2(2 + 2) + 1 / np.log2(5 + 2)) / 4   # ties: floor of the rank
+AUC = ((1 - 0 / 11) + (1 - 10 / 11) + (1 - 2.5 / 9) + (1 - 5.5 / 11)) / 4
+
+
+def test_rank_of_target_by_hand():
+  rank, candidates = metrics.rank_of_target(SCORES, TARGET, EXCLUDE)
+  np.testing.assert_array_equal(rank, RANK)
+  np.testing.assert_array_equal(candidates, CANDIDATES)
+
+
+def test_device_ranks_in_blocks_equal_the_hand_values():
+  rank, candidates = ranking.rank_of_targets(SCORES, TARGET, sp.csr_matrix(EXCLUDE), block=3)
+  np.testing.assert_array_equal(rank, RANK)
+  np.testing.assert_array_equal(candidates, CANDIDATES)
+
+
+def test_hr_ndcg_auc_at_10_by_hand():
+  got = metrics.ranking_metrics(np.array(RANK), np.array(CANDIDATES), k=10)
+  assert got == pytest.approx({"hr@10": HR10, "ndcg@10": NDCG10, "auc": AUC}, abs=1e-12)
+  device = ranking.ranking_metrics(SCORES, TARGET, sp.csr_matrix(EXCLUDE), k=10)
+  assert device == pytest.approx({"hr@10": HR10, "ndcg@10": NDCG10, "auc": AUC, "n": 4}, abs=1e-6)
+  # A single candidate is a sure hit (AUC 1, no division by zero).
+  assert metrics.ranking_metrics(np.array([0.0]), np.array([1.0]), k=10) == {
+      "hr@10": 1.0, "ndcg@10": 1.0, "auc": 1.0}
+
+
+def _evaluator(k):
+  """An Evaluator reduced to what its ranking reads: a catalog of books rows 0-2 and music
+  rows 3-6 (m0..m3), music implicit."""
+  ev = object.__new__(eval_lib.Evaluator)
+  ev.k = k
+  ev.catalog = types.SimpleNamespace(
+      rows_of_domain=[np.array([0, 1, 2]), np.array([3, 4, 5, 6])],
+      row={("books", "b0"): 0, ("books", "b1"): 1, ("books", "b2"): 2, ("music", "m0"): 3,
+           ("music", "m1"): 4, ("music", "m2"): 5, ("music", "m3"): 6})
+  ev.model_config = types.SimpleNamespace(domains=[types.SimpleNamespace(name="books"),
+                                                   types.SimpleNamespace(name="music")])
+  return ev
+
+
+def test_evaluator_excludes_each_users_earlier_items_of_the_domain():
+  scores = np.array([[0.9, 0.5, 0.8, 0.1], [0.9, 0.5, 0.8, 0.1], [0.9, 0.5, 0.8, 0.1]])
+  records = [{"history_items": ["m0", "m2"]},     # both above the target m1: left out -> rank 0
+             {"history_items": ["b0", "zz"]},     # another domain's id / unknown id: no effect
+             {"history_items": ["m2", "m1"]}]     # the target m1 itself is never excluded
+  item_rows = np.array([4, 6, 4])                 # targets m1, m3, m1
+  got = _evaluator(k=1)._ranking(scores, 1, records, item_rows)  # pylint: disable=protected-access
+  # Ranks: 0 of 2 candidates; 3 of 4; m0 above, m2 out -> 1 of 3.
+  assert got == pytest.approx({"hr@1": 1 / 3, "ndcg@1": 1 / 3,
+                               "auc": ((1 - 0 / 1) + (1 - 3 / 3) + (1 - 1 / 2)) / 3})

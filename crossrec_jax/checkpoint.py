@@ -147,6 +147,14 @@ def _with_defaults(model_meta):
 
 
 def _check_compatible(path, meta, expected):
+  saved_secret = (meta.get("link_secret") or {}).get("digest")
+  wanted_secret = (expected.get("link_secret") or {}).get("digest")
+  if saved_secret and wanted_secret and saved_secret != wanted_secret:
+    raise CheckpointIncompatibleError(
+        f"{path}: its users were linked with another secret (digest {saved_secret}, from "
+        f"{meta['link_secret'].get('origin')}) than this run's (digest {wanted_secret}, from "
+        f"{expected['link_secret'].get('origin')}); set the same secret (CROSSREC_LINK_SECRET or "
+        "data.link_secret_file) or use a new --workdir")
   for key in ("model",):
     saved, wanted = _with_defaults(meta.get(key) or {}), _with_defaults(expected.get(key) or {})
     if saved != wanted:

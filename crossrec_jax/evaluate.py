@@ -149,13 +149,14 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
   return "\n".join(lines)
 
 
-def evaluate_workdir(workdir, split: str = "test", limit: int | None = None) -> dict[str, dict[str, float]]:
+def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
+                     secret_file: str = "") -> dict[str, dict[str, float]]:
   """Evaluates the latest checkpoint of a training workdir on ``split`` (with baselines).
 
   Creates nothing: a mistyped workdir is an error, not a new empty run directory.
   """
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from crossrec_jax import checkpoint as ckpt_lib, config_check, train  # pylint: disable=import-outside-toplevel
+  from crossrec_jax import checkpoint as ckpt_lib, config_check, score, train  # pylint: disable=import-outside-toplevel
   from crossrec_jax.cli import ConfigError, UsageError  # pylint: disable=import-outside-toplevel
   if limit is not None and limit < 0:
     raise UsageError(f"--limit {limit} must be >= 0 (0: the whole split)")
@@ -173,7 +174,10 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None) -> 
       raise ConfigError(f"--workdir {workdir} is a stage-1 (config.stage='cached') run: run its "
                         "train command again, which restores and evaluates it")
     config = ml_collections.ConfigDict(meta["config"])
-    run, _ = train.build_run(config, workdir)
+    # The training secret, checked against the checkpoint's digest: another one would silently
+    # prepare a differently keyed copy of the data.
+    secret = score.scoring_secret(meta, secret_file)
+    run, _ = train.build_run(config, workdir, secret=secret)
     if split not in run.sources:
       raise UsageError(f"--split {split!r} is not in the data set; it has "
                        f"{sorted(k for k in run.sources if k != 'items')}")
@@ -200,12 +204,15 @@ def cli_main(argv=None) -> int:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--split", default="test")
   parser.add_argument("--limit", type=int, default=0, help="examples to evaluate; 0: all")
+  parser.add_argument("--link_secret_file", default="",
+                      help="file with the training's user-linkage secret (or CROSSREC_LINK_SECRET)")
   parser.add_argument("--verbose", action="store_true", help="tracebacks for user errors too")
   verbose = cli.traceback_requested(argv)
 
   def run():
     args = parser.parse_args(argv[1:])
-    print(json.dumps(evaluate_workdir(args.workdir, args.split, args.limit or None)))
+    print(json.dumps(evaluate_workdir(args.workdir, args.split, args.limit or None,
+                                      args.link_secret_file)))
   return cli.guarded(run, verbose)
 
 

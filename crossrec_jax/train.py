@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import time
+import types
 from typing import Any
 
 import jax
@@ -109,10 +110,11 @@ class Run:
   baselines: Any
 
 
-def build_run(config, workdir, devices=None) -> tuple[Run, Any]:
-  """Returns (run, initial params as numpy host arrays); ``devices`` defaults to all."""
+def build_run(config, workdir, devices=None, secret=None) -> tuple[Run, Any]:
+  """Returns (run, initial params as numpy host arrays); ``devices`` defaults to all;
+  ``secret``: the user-linkage secret (default: resolved from the config and environment)."""
   workdir = config_check.check_workdir(workdir)
-  secret = resolve_link_secret(config)
+  secret = secret or resolve_link_secret(config)
   builder = prepare_data(config, secret)
   md = data_lib.metadata(builder)
   if config.best_metric:  # the data's domains are known now, before anything compiles
@@ -201,15 +203,17 @@ def append_jsonl(path: epath.Path, record: dict) -> None:
 
 @contextlib.contextmanager
 def remove_if_failed_early(workdir):
-  """A workdir this run created is removed if the run fails before producing anything worth
-  keeping (a checkpoint, a metrics line or the stage-1 text cache): no half-built workdir."""
+  """A workdir this run created is removed if the run fails before its first step (yielded
+  ``progress.started`` still False) and before writing a checkpoint, a metrics line or the
+  stage-1 text cache: no half-built workdir (e.g. only a tokenizer) is left behind."""
   path = epath.Path(workdir)
   created = not path.exists()
+  progress = types.SimpleNamespace(started=False)
   try:
-    yield
+    yield progress
   except BaseException:
     kept = ("checkpoints", "metrics.jsonl", "text_cache")
-    if created and jax.process_index() == 0 and path.exists() and not any(
+    if created and not progress.started and jax.process_index() == 0 and path.exists() and not any(
         (path / k).exists() for k in kept):
       if "://" in str(path):
         path.rmtree()
@@ -245,14 +249,14 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   config_check.validate_config(config)  # before any data is read or anything compiles
   workdir = config_check.check_workdir(workdir)
   maybe_initialize_distributed(config)
-  with remove_if_failed_early(workdir):
+  with remove_if_failed_early(workdir) as progress:
     if config.stage == "cached":
       from crossrec_jax import stage1_run  # pylint: disable=import-outside-toplevel
       return stage1_run.train_and_evaluate(config, workdir)
-    return _train_end_to_end(config, workdir)
+    return _train_end_to_end(config, workdir, progress)
 
 
-def _train_end_to_end(config, workdir) -> dict[str, Any]:
+def _train_end_to_end(config, workdir, progress_marker) -> dict[str, Any]:
   run, params = build_run(config, workdir)
   workdir = run.workdir
   is_main = jax.process_index() == 0
@@ -314,6 +318,7 @@ def _train_end_to_end(config, workdir) -> dict[str, Any]:
       batch = sharding.host_batch_to_global(next(iterator), run.mesh)
       state, metrics = train_step(state, batch)
       step += 1
+      progress_marker.started = True
       examples += config.batch_size
       progress.update(1)
       preempted = preemption.reached(step)  # every process, every step (multi-host sync)

@@ -316,3 +316,15 @@ def test_rating_scales_from_the_cli_form():
     labels.parse_rating_scales("books=5")
   with pytest.raises(DataError, match=r"data\.domain_tasks: music=clicks"):
     labels.parse_domain_tasks("music=clicks")
+
+
+def test_movielens_title_with_latin1_x85_stays_one_item(tmp_path):
+  from crossrec_jax.data import movielens  # pylint: disable=import-outside-toplevel
+  flags = "|".join(["0"] * 18 + ["1"])
+  (tmp_path / "u.item").write_bytes(b"1|Caf\x85 Society (1995)|01-Jan-1995||http://x|" +
+                                    flags.encode() + b"\n2|Other (1995)|01-Jan-1995||http://y|" +
+                                    flags.encode() + b"\n")
+  (tmp_path / "u.data").write_bytes(b"1\t1\t4\t10\n1\t2\t5\t11\n")
+  interactions, items = movielens.read_movielens(tmp_path)
+  assert len(interactions) == 2 and len(items) == 2
+  assert items[("movies", "1")].text.startswith("Caf\u2026 Society") or "\x85" in items[("movies", "1")].text

@@ -19,7 +19,8 @@ def _lines(path: pathlib.Path, encoding: str):
   text = path.read_bytes().decode(encoding)
   if not text.strip():
     raise DataError(f"{path}: file is empty")
-  return [(i, l) for i, l in enumerate(text.splitlines(), 1) if l.strip()]
+  # Split on line ends only: str.splitlines() would also cut at U+0085, which is latin-1 b"\x85".
+  return [(i, l.rstrip("\r")) for i, l in enumerate(text.split("\n"), 1) if l.strip()]
 
 
 def _ratings(path, sep, encoding="latin-1"):

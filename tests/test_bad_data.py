@@ -327,4 +327,13 @@ def test_movielens_title_with_latin1_x85_stays_one_item(tmp_path):
   (tmp_path / "u.data").write_bytes(b"1\t1\t4\t10\n1\t2\t5\t11\n")
   interactions, items = movielens.read_movielens(tmp_path)
   assert len(interactions) == 2 and len(items) == 2
-  assert items[("movies", "1")].text.startswith("Caf\u2026 Society") or "\x85" in items[("movies", "1")].text
+  assert items[("movies", "1")].text.startswith("Caf\x85 Society (1995)")
+
+
+def test_jsonl_list_tags_are_tags(tmp_path):
+  rows = [{"item_id": "b1", "domain": "books", "title": "x", "tags": ["sci-fi", "space"]},
+          {"item_id": "b2", "domain": "books", "title": "y", "tags": "drama"}]
+  src = _source(tmp_path, {"items.csv": None, "items.jsonl": _jsonl(rows),
+                           "interactions.csv": HEADER + "u1,books,b1,4,1\nu1,books,b2,5,2\n"})
+  tags = {r["item_id"]: r["item_tags"] for r in _process(src)["items"]}
+  assert tags == {"b1": ["sci-fi", "space"], "b2": ["drama"]}

@@ -183,7 +183,14 @@ def _json_value(value) -> tuple[str, str | None]:
   if isinstance(value, (int, float)):
     return (repr(value) if isinstance(value, float) else str(value)), None
   kind = "an object" if isinstance(value, dict) else "a list"
-  return json.dumps(value)[:40], f"holds {kind}; IDs, labels and positions are single values"
+  return _nested_text(value), f"holds {kind}; IDs, labels and positions are single values"
+
+
+def _nested_text(value) -> str:
+  """A list as 'a|b' (the tags form; text columns keep the words), an object as JSON."""
+  if isinstance(value, (list, tuple)):
+    return "|".join(_nested_text(v) for v in value)
+  return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def _read_jsonl(path: pathlib.Path) -> Table:
@@ -249,7 +256,8 @@ def _read_parquet(path: pathlib.Path) -> Table:
       what = "an object" if pa.types.is_struct(kind) or pa.types.is_map(kind) else "a list"
       problems[name] = {i: f"holds {what}; IDs, labels and positions are single values"
                         for i in np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))}
-      column = pa.array([str(v) for v in column.to_pylist()], pa.string())
+      column = pa.array(["" if v is None else _nested_text(v) for v in column.to_pylist()],
+                        pa.string())
     elif pa.types.is_floating(kind):
       # repr keeps 'nan' / 'inf' recognisable and integers-as-floats readable.
       column = pa.array(["" if v is None else repr(v) if not (isinstance(v, float) and

@@ -337,3 +337,20 @@ def test_jsonl_list_tags_are_tags(tmp_path):
                            "interactions.csv": HEADER + "u1,books,b1,4,1\nu1,books,b2,5,2\n"})
   tags = {r["item_id"]: r["item_tags"] for r in _process(src)["items"]}
   assert tags == {"b1": ["sci-fi", "space"], "b2": ["drama"]}
+
+
+def test_rating_scales_settable_from_the_train_cli():
+  """The train CLI's own flag definitions accept the declarations as --config.data.* overrides."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from crossrec_jax import train  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.data.from_config import processing_config  # pylint: disable=import-outside-toplevel
+  config_file = str(pathlib.Path(__file__).parents[1] / "configs" / "tiny.py")
+  argv = ["train", f"--config={config_file}", "--workdir=/unused",
+          "--config.data.rating_scales=books=1:5,movies=1:5",
+          "--config.data.domain_tasks=music=implicit"]
+  values = flags.FlagValues()
+  train._define_flags(values, argv)  # pylint: disable=protected-access
+  values(argv)
+  settings = processing_config(values.config)
+  assert settings.rating_scales == (("books", 1.0, 5.0), ("movies", 1.0, 5.0))
+  assert settings.domain_tasks == (("music", "implicit"),)

@@ -106,6 +106,8 @@ def _make_serialize(schema):
 def serializer(features, samples) -> Callable[[dict[str, Any]], Serialized] | None:
   """A fast record -> bytes function for ``features``, or None where it would not give what
   tfds gives on ``samples`` (records already completed with every feature)."""
+  if not _active[0]:
+    return None  # outside pass_serialized_through, tfds would not let the bytes through
   try:
     from tensorflow_datasets.core import example_serializer  # pylint: disable=import-outside-toplevel
     from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=import-outside-toplevel
@@ -127,13 +129,22 @@ def serializer(features, samples) -> Callable[[dict[str, Any]], Serialized] | No
     return None
 
 
+_active = [0]  # >0 while the tfds hooks below are in place
+
+
 @contextlib.contextmanager
 def pass_serialized_through():
-  """Lets ``Serialized`` examples through tfds's encode and serialize steps unchanged."""
-  from tensorflow_datasets.core import example_serializer  # pylint: disable=import-outside-toplevel
-  from tensorflow_datasets.core.features import features_dict  # pylint: disable=import-outside-toplevel
-  encode = features_dict.FeaturesDict.encode_example
-  serialize = example_serializer.ExampleSerializer.serialize_example
+  """Lets ``Serialized`` examples through tfds's encode and serialize steps unchanged. Where
+  tfds has no such hooks (another version), nothing is patched and ``serializer`` returns None."""
+  try:
+    from tensorflow_datasets.core import example_serializer  # pylint: disable=import-outside-toplevel
+    from tensorflow_datasets.core.features import features_dict  # pylint: disable=import-outside-toplevel
+    encode = features_dict.FeaturesDict.encode_example
+    serialize = example_serializer.ExampleSerializer.serialize_example
+  except (ImportError, AttributeError) as e:
+    log.warning("fast example serialization unavailable (%s); using tfds's (slower)", e)
+    yield
+    return
 
   def encode_example(self, example_dict):
     return example_dict if isinstance(example_dict, Serialized) else encode(self, example_dict)
@@ -143,8 +154,10 @@ def pass_serialized_through():
 
   features_dict.FeaturesDict.encode_example = encode_example
   example_serializer.ExampleSerializer.serialize_example = serialize_example
+  _active[0] += 1
   try:
     yield
   finally:
+    _active[0] -= 1
     features_dict.FeaturesDict.encode_example = encode
     example_serializer.ExampleSerializer.serialize_example = serialize

@@ -43,6 +43,7 @@ class HybridSettings:
   history_text_projection: bool = True
   use_profile: bool = False
   use_tags: bool = True            # item side features (the items table's `tags` column)
+  use_user_tags: bool = True       # user side features (e.g. MovieLens demographics)
   cross_domain: bool = True
   text_pca_dim: int = 0            # > 0: principal components of the text vectors kept
   context: str = "auto"            # auto | before_target | all (auto: all for ratio splits)
@@ -62,6 +63,7 @@ class HybridSettings:
   reg_history: float = 10.0
   reg_text: float = 100.0
   reg_tags: float = 1000.0         # shared side embeddings overfit unless penalised hard
+  reg_user_tags: float = 1000.0
   reg_history_text: float = 1000.0  # shared by every history: as strong as reg_history
   reg_mlp: float = 100.0
   adversarial: str = "none"        # none | apr
@@ -168,11 +170,13 @@ def tag_vocabulary(data: InteractionData) -> list[str]:
   return sorted({t for tags in data.item_tags for t in tags})
 
 
-def tag_matrix(data: InteractionData) -> np.ndarray:
-  """[num_items + 1, num_tags]: each item's tags with weights summing to 1 (mean pooling)."""
-  vocab = {t: n for n, t in enumerate(tag_vocabulary(data))}
-  out = np.zeros((data.num_items + 1, len(vocab)), np.float32)
-  for i, tags in enumerate(data.item_tags):
+def tag_matrix(data: InteractionData, users: bool = False) -> np.ndarray:
+  """[num_items + 1, num_tags] (or [num_users + 1, num_user_tags]): each row's tags with
+  weights summing to 1 (mean pooling); the last row (unknown / padding) has none."""
+  rows = data.user_tags if users else data.item_tags
+  vocab = {t: n for n, t in enumerate(sorted({t for tags in rows for t in tags}))}
+  out = np.zeros((len(rows) + 1, len(vocab)), np.float32)
+  for i, tags in enumerate(rows):
     for t in tags:
       out[i, vocab[t]] = 1.0 / len(tags)
   return out
@@ -205,7 +209,7 @@ class FittedHybrid:
                context: str, text, profile, profile_rows, log: list[dict], tags):
     self.model, self.data, self.settings, self.context = model, data, settings, context
     self.text, self.profile, self.profile_rows, self.log = text, profile, profile_rows, log
-    self.tags = tags
+    self.tags, self.user_tags = tags["items"], tags["users"]
     self.name = "hybrid"
     self._domain_of_item = jnp.asarray(np.append(data.domain_of_item(), -1).astype(np.int32))
     self.refresh()
@@ -217,7 +221,8 @@ class FittedHybrid:
     @jax.jit
     def user_vectors(state, batch, text, profile, domain_of_item):
       m = nnx.merge(graphdef, state)
-      return m.example_user_vectors(batch, text, domain_of_item, profile), m.user_bias_of(
+      return m.example_user_vectors(batch, text, domain_of_item, profile,
+                                    user_tags=self.user_tags), m.user_bias_of(
           batch["user"], batch["domain"])
 
     @jax.jit
@@ -230,9 +235,16 @@ class FittedHybrid:
 
   def _query_batch(self, queries: Queries) -> dict[str, np.ndarray]:
     data = self.data
-    hist, example_hist, hist_domain, hist_user = build_histories(
-        data, queries.row, self.context, _history_length(self.settings, self.context))
     known = queries.user >= 0
+    if queries.history is not None:  # users from outside the log: one history per query
+      hist = np.where(queries.history >= 0, queries.history, data.num_items).astype(np.int32)
+      hist = hist[:, :_history_length(self.settings, self.context)]
+      example_hist = np.arange(len(queries), dtype=np.int32)
+      hist_domain = queries.domain.astype(np.int32)
+      hist_user = np.where(known, queries.user, 0)
+    else:
+      hist, example_hist, hist_domain, hist_user = build_histories(
+          data, queries.row, self.context, _history_length(self.settings, self.context))
     return {"self_in_history": np.zeros(len(queries), np.int32),
             "item": queries.item.astype(np.int32), "hist": hist, "hist_domain": hist_domain,
             "hist_profile": self.profile_rows[hist_user], "example_hist": example_hist,
@@ -284,6 +296,7 @@ def _loss_fn(graphdef, tables, settings: HybridSettings, task: str, lo: int, hi:
     total += s.reg_item_bias * jnp.sum(m.item_bias.value ** 2)
     total += s.reg_history * jnp.sum(m.history_factors.value ** 2)
     total += s.reg_tags * jnp.sum(m.tag_embeddings.value ** 2)
+    total += s.reg_user_tags * jnp.sum(m.user_tag_embeddings.value ** 2)
     if m.config.text_dim:
       total += s.reg_text * (jnp.sum(m.item_text.kernel.value ** 2) +
                              jnp.sum(m.profile_text.kernel.value ** 2))
@@ -295,7 +308,7 @@ def _loss_fn(graphdef, tables, settings: HybridSettings, task: str, lo: int, hi:
   def loss(params, batch, user_delta=None, item_delta=None):
     m = nnx.merge(graphdef, params)
     users = m.example_user_vectors(batch, tables["text"], tables["domain_of_item"],
-                                   tables["profile"], user_delta)
+                                   tables["profile"], user_delta, tables["user_tags"])
     w = batch["weight"]
     if task == "rating":
       items, item_bias = m.item_vectors(tables["text"], batch["item"], item_delta, tables["tags"])
@@ -342,6 +355,8 @@ def fit_hybrid(data: InteractionData, settings: HybridSettings = HybridSettings(
   config = HybridConfig(num_users=data.num_users, num_items=data.num_items,
                         num_domains=len(data.domains), text_dim=text_dim, dim=s.dim,
                         num_tags=len(tag_vocabulary(data)) if s.use_tags else 0,
+                        num_user_tags=(len({t for x in data.user_tags for t in x})
+                                       if s.use_user_tags else 0),
                         use_biases=s.use_biases, use_ids=s.use_ids,
                         use_user_ids=resolve_user_ids(s, data), use_history=s.use_history,
                         use_text=s.use_text and text is not None,
@@ -376,7 +391,10 @@ def fit_hybrid(data: InteractionData, settings: HybridSettings = HybridSettings(
     sel = dom_of == d
     q_item[:-1][sel] = weight[sel] / weight[sel].sum()
   tag_table = tag_matrix(data) if s.use_tags else np.zeros((data.num_items + 1, 0), np.float32)
-  tables = {"tags": jnp.asarray(tag_table), "text": jnp.asarray(text_table), "profile": jnp.asarray(profile_table),
+  user_tag_table = (tag_matrix(data, users=True) if s.use_user_tags
+                    else np.zeros((data.num_users + 1, 0), np.float32))
+  tables = {"tags": jnp.asarray(tag_table), "user_tags": jnp.asarray(user_tag_table),
+            "text": jnp.asarray(text_table), "profile": jnp.asarray(profile_table),
             "domain_of_item": jnp.asarray(np.append(data.domain_of_item(), -1).astype(np.int32)),
             "log_q": jnp.asarray(np.log(q_item + 1e-12).astype(np.float32)),
             "user_count_w": jnp.asarray(np.sqrt(counts)),
@@ -437,7 +455,7 @@ def fit_hybrid(data: InteractionData, settings: HybridSettings = HybridSettings(
             + f" ({entry['epoch']}/{s.epochs})", flush=True)
   model = nnx.merge(graphdef, params)
   return FittedHybrid(model, data, s, context, tables["text"], tables["profile"], profile_rows, log,
-                      tables["tags"])
+                      {"items": tables["tags"], "users": tables["user_tags"]})
 
 
 def _make_step(loss, tx, s: HybridSettings, num_item_vectors: int):

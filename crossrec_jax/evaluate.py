@@ -170,13 +170,12 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
     if not steps_:
       raise ConfigError(f"{workdir / 'checkpoints'}: no checkpoint to evaluate yet")
     meta = checkpointer.read_meta(steps_[-1])
-    if (meta.get("model") or {}).get("stage") == "cached":
-      raise ConfigError(f"--workdir {workdir} is a stage-1 (config.stage='cached') run: run its "
-                        "train command again, which restores and evaluates it")
     config = ml_collections.ConfigDict(meta["config"])
     # The training secret, checked against the checkpoint's digest: another one would silently
     # prepare a differently keyed copy of the data.
     secret = score.scoring_secret(meta, secret_file)
+    if (meta.get("model") or {}).get("stage") == "cached":
+      return _evaluate_stage1(workdir, config, secret, split)
     run, _ = train.build_run(config, workdir, secret=secret)
     if split not in run.sources:
       raise UsageError(f"--split {split!r} is not in the data set; it has "
@@ -189,6 +188,20 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
                         run.model_config)
   baselines = run.baselines
   results = evaluator.evaluate(state.params, run.sources[split], limit=limit, baselines=baselines)
+  print(f"[step {step}] {split} metrics (ours vs baseline):\n{format_table(results)}")
+  return results
+
+
+def _evaluate_stage1(workdir, config, secret, split):
+  """A stage-1 run: its served (fused) model on ``split``, next to the same baselines as in
+  training."""
+  from crossrec_jax import stage1_run  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.cli import UsageError  # pylint: disable=import-outside-toplevel
+  model, data, step = stage1_run.load(workdir, config, secret)
+  if not data.mask((split,)).any():
+    raise UsageError(f"--split {split!r} has no rows in the data set; it has "
+                     f"{sorted(set(data.split.tolist()) - {'history'})}")
+  results = stage1_run.evaluate(model, data, split)
   print(f"[step {step}] {split} metrics (ours vs baseline):\n{format_table(results)}")
   return results
 

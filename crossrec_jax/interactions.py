@@ -41,6 +41,11 @@ class InteractionData:
   label: np.ndarray
   order: np.ndarray
   split: np.ndarray                # train / valid / test / history
+  user_tags: list[list[str]] = dataclasses.field(default_factory=list)  # per user: side features
+
+  def __post_init__(self):
+    if not self.user_tags:
+      self.user_tags = [[] for _ in self.user_keys]
 
   # ---------------------------------------------------------------------------- construction
   @classmethod
@@ -213,7 +218,10 @@ class Queries:
   item: np.ndarray        # global item index of the target
   label: np.ndarray
   context: sp.csr_matrix  # [n, num_items]
-  row: np.ndarray         # the target's row in the InteractionData arrays
+  row: np.ndarray         # the target's row in the InteractionData arrays (-1: not in it)
+  # Users from outside the log (scoring): [n, L] history item indices, newest first, padded
+  # with -1; None: the history is the log's, found through ``row``.
+  history: np.ndarray | None = None
 
   def __len__(self):
     return len(self.item)
@@ -221,4 +229,5 @@ class Queries:
   def subset(self, mask) -> "Queries":
     idx = np.flatnonzero(mask)
     return Queries(self.user[idx], self.domain[idx], self.item[idx], self.label[idx],
-                   self.context[idx], self.row[idx])
+                   self.context[idx], self.row[idx],
+                   None if self.history is None else self.history[idx])

@@ -30,6 +30,11 @@ def _padded_indices(matrix: sp.csr_matrix, rows: slice, width_multiple: int = 8)
   return out
 
 
+def padded_indices(matrix: sp.csr_matrix) -> np.ndarray:
+  """[n, W] column indices of each row's non-zeros, padded with -1 (``masked_top_k``'s input)."""
+  return _padded_indices(sp.csr_matrix(matrix), slice(None))
+
+
 def _exclusion_mask(n: int, num_items: int, exclude):
   mask = jnp.zeros((n, num_items), bool)
   rows = jnp.broadcast_to(jnp.arange(n)[:, None], exclude.shape)

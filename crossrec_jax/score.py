@@ -428,6 +428,9 @@ def run_scoring(checkpoint, users, items, output, *, pairs=None, top_k=0, domain
   if batch_size <= 0 or chunk_users <= 0:
     raise ScoringError(f"--batch_size {batch_size} must be positive")
   output, fmt = check_output(output, output_format, overwrite)
+  if _is_stage1(checkpoint, step):
+    return _run_stage1(checkpoint, users, items, output, fmt, pairs=pairs, top_k=top_k,
+                       domains=domains, mapping_file=mapping_file, secret_file=secret_file)
   scorer = Scorer.from_checkpoint(checkpoint, batch_size=batch_size, secret_file=secret_file,
                                   step=step)
   print(f"Scoring with checkpoint step {scorer.step} of {scorer.checkpoint_dir}", file=sys.stderr,
@@ -457,6 +460,68 @@ def run_scoring(checkpoint, users, items, output, *, pairs=None, top_k=0, domain
     writer.abort()  # never leave a partial file that looks complete
     raise
   return counts | {"output": str(output), "rows": writer.rows, "step": scorer.step}
+
+
+def _is_stage1(checkpoint, step=None) -> bool:
+  _, ckpt_dir = _checkpoint_paths(checkpoint)
+  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
+  try:
+    available = checkpointer.all_steps()
+    if not available or (step is not None and step not in available):
+      return False  # Scorer.from_checkpoint says what is wrong
+    meta = _newest_meta(checkpointer, [step] if step is not None else available)
+  finally:
+    checkpointer.close()
+  return (meta.get("model") or {}).get("stage") == "cached"
+
+
+def _run_stage1(checkpoint, users, items, output, fmt, *, pairs, top_k, domains, mapping_file,
+                secret_file) -> dict[str, Any]:
+  """A stage-1 run: its fused model (network + item-item CF), as its evaluation served it."""
+  from crossrec_jax import stage1_run, stage1_score  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.data.from_config import processing_config  # pylint: disable=import-outside-toplevel
+  workdir, ckpt_dir = _checkpoint_paths(checkpoint)
+  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
+  try:
+    meta = _newest_meta(checkpointer, checkpointer.all_steps())
+  finally:
+    checkpointer.close()
+  config = ml_collections.ConfigDict(meta["config"])
+  if mapping_file is not None:
+    config.data.mapping_file = mapping_file
+  secret = scoring_secret(meta, secret_file)
+  model, data, step = stage1_run.load(workdir, config, secret)
+  print(f"Scoring with the stage-1 model of checkpoint step {step} of {ckpt_dir}", file=sys.stderr,
+        flush=True)
+  wanted = list(domains) if domains else data.names
+  for name in wanted:
+    if name not in data.names:
+      raise ScoringError(f"--domains: unknown domain {name!r}; this model has {data.names}")
+  item_table = records_lib.read_items(pathlib.Path(items))
+  history = records_lib.check_against_items(records_lib.read_interactions(pathlib.Path(users)),
+                                            item_table, items)
+  by_person, user_key, person_of = stage1_score.linked_histories(
+      history, processing_config(config, secret))
+  writer = _AtomicTableWriter(output, fmt)
+  progress = _progress(None if pairs else len(by_person), "pairs" if pairs else "users")
+  try:
+    if pairs:
+      counts = stage1_score.score_pairs(model, data, by_person, user_key, item_table,
+                                        pathlib.Path(pairs), person_of, wanted, writer.write,
+                                        items_path=items, progress=progress)
+    else:
+      counts = stage1_score.score_top_k(model, data, by_person, user_key, item_table, wanted, top_k,
+                                        writer.write, items_path=items, progress=progress)
+    writer.commit()
+  except stage1_score.Stage1ScoringError as e:
+    writer.abort()
+    raise ScoringError(str(e)) from e
+  except BaseException:
+    writer.abort()  # never leave a partial file that looks complete
+    raise
+  finally:
+    progress.close()
+  return counts | {"output": str(output), "rows": writer.rows, "step": step}
 
 
 def _profiles(user_ids, by_user, item_table, tasks, pconfig):

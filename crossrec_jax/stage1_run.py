@@ -26,7 +26,9 @@ from crossrec_jax import baselines as bl
 from crossrec_jax import checkpoint as ckpt_lib
 from crossrec_jax import fusion, metrics, ranking, text_cache
 from crossrec_jax.cached_training import FittedHybrid, HybridSettings, fit_hybrid
-from crossrec_jax.data.from_config import prepare_data, resolve_model_checkpoint
+from crossrec_jax.data.from_config import (prepare_data, public_config_dict,
+                                          resolve_link_secret, resolve_model_checkpoint,
+                                          secret_description)
 from crossrec_jax.interactions import InteractionData
 
 NEURAL = "neural"
@@ -113,32 +115,65 @@ def evaluate(model: Stage1Model, data: InteractionData, split: str, k: int = 10
   return results
 
 
-def train_and_evaluate(config, workdir) -> dict[str, Any]:
-  from crossrec_jax.evaluate import format_table  # pylint: disable=import-outside-toplevel
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  data = InteractionData.from_builder(prepare_data(config))
+def _inputs(config, workdir: pathlib.Path, secret=None):
+  """The data, cached item text vectors, settings and checkpoint description of a run."""
+  secret = secret or resolve_link_secret(config)
+  data = InteractionData.from_builder(prepare_data(config, secret))
   text = text_cache.cached_vectors(str(resolve_model_checkpoint(config, workdir)), data.item_texts,
                                    config.data.item_max_length, cache_dir=workdir / "text_cache")
   settings = settings_from_config(config, data)
   model_meta = {"stage": "cached", "settings": dataclasses.asdict(settings),
                 "domains": data.domains, "num_users": data.num_users, "num_items": data.num_items,
                 "text_dim": int(text.shape[1])}
-  meta = json.loads(json.dumps({"config": config.to_dict(), "model": model_meta}, default=list))
+  meta = json.loads(json.dumps({"config": public_config_dict(config), "model": model_meta,
+                                "link_secret": secret_description(secret)}, default=list))
+  return data, text, settings, meta
+
+
+def _restore(checkpointer, data, text, settings, meta):
+  """(step, hybrid, fusion weights) of the newest checkpoint, or None when there is none."""
+  if not checkpointer.all_steps():
+    return None
+  # The untrained model gives the checkpoint's structure; epochs=0 trains nothing.
+  hybrid = fit_hybrid(data, dataclasses.replace(settings, epochs=0), text=text, verbose=False)
+  abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                     nnx.to_pure_dict(nnx.split(hybrid.model)[1]))}
+  restored = checkpointer.restore(abstract, expected_meta=meta)
+  if restored is None:
+    return None
+  step, state, _, saved = restored
+  nnx.update(hybrid.model, state["params"])
+  hybrid.refresh()
+  return step, hybrid, {int(d): w for d, w in saved["fusion_weights"].items()}
+
+
+def load(workdir, config, secret=None) -> tuple[Stage1Model, InteractionData, int]:
+  """The served model of a stage-1 run directory, exactly as its evaluation used it: the
+  network from the newest checkpoint, the CF parts refitted on the same train split (they are
+  deterministic functions of it) and the saved fusion weights."""
+  workdir = pathlib.Path(workdir)
+  data, text, settings, meta = _inputs(config, workdir, secret)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
   try:
-    restored = None
-    if checkpointer.all_steps():
-      # The untrained model gives the checkpoint's structure; epochs=0 trains nothing.
-      hybrid = fit_hybrid(data, dataclasses.replace(settings, epochs=0), text=text, verbose=False)
-      abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                         nnx.to_pure_dict(nnx.split(hybrid.model)[1]))}
-      restored = checkpointer.restore(abstract, expected_meta=meta)
+    restored = _restore(checkpointer, data, text, settings, meta)
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise ckpt_lib.CheckpointIncompatibleError(f"{workdir}: no stage-1 checkpoint to restore")
+  step, hybrid, weights = restored
+  return Stage1Model(hybrid, fit_cf(data, config), weights), data, step
+
+
+def train_and_evaluate(config, workdir) -> dict[str, Any]:
+  from crossrec_jax.evaluate import format_table  # pylint: disable=import-outside-toplevel
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  data, text, settings, meta = _inputs(config, workdir)
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
+  try:
+    restored = _restore(checkpointer, data, text, settings, meta)
     if restored is not None:
-      step, state, _, saved = restored
-      nnx.update(hybrid.model, state["params"])
-      hybrid.refresh()
-      weights = {int(d): w for d, w in saved["fusion_weights"].items()}
+      step, hybrid, weights = restored
       print(f"Restored the stage-1 model from {checkpointer.directory}/{step}")
     else:
       hybrid = fit_hybrid(data, settings, text=text, verbose=True)

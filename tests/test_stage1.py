@@ -243,10 +243,60 @@ def test_stage1_training_run_beats_its_baselines_checkpoints_and_restores(tmp_pa
   again = train.train_and_evaluate(config, tmp_path / "run")
   assert "Restored the stage-1 model" in capsys.readouterr().out
   assert again["metrics"] == first["metrics"]
-  # The end-to-end scorer refuses a stage-1 checkpoint with a message that says what to do.
+  _scores_the_stage1_run(config, tmp_path)
+
+
+def _scores_the_stage1_run(config, tmp_path):
+  """The scoring CLI serves the fused stage-1 model: top-K without the user's own items, and
+  pair scores equal to the top-K scores of the same (user, item)."""
+  import csv  # pylint: disable=import-outside-toplevel
   from crossrec_jax import score  # pylint: disable=import-outside-toplevel
-  with pytest.raises(score.ScoringError, match="stage-1"):
-    score.Scorer.from_checkpoint(tmp_path / "run")
+  files = data_lib.synthetic.export(tmp_path / "inputs", data_lib.SyntheticConfig(
+      num_users=config.data.synthetic_users, items_per_domain=config.data.items_per_domain,
+      seed=config.seed))
+  run = lambda output, **kw: score.run_scoring(tmp_path / "run", files / "interactions.csv",
+                                               files / "items.csv", tmp_path / output, **kw)
+  counts = run("top.csv", top_k=3, domains=["music", "books"])
+  with open(tmp_path / "top.csv") as f:
+    top = list(csv.DictReader(f))
+  assert counts["rows"] == len(top) > 0
+  assert {r["domain"] for r in top} == {"music", "books"}
+  assert {r["rank"] for r in top} == {"1", "2", "3"}
+  with open(files / "interactions.csv") as f:
+    seen = {(r["user_id"], r["domain"], r["item_id"]) for r in csv.DictReader(f)}
+  leaked = [r for r in top if (r["user_id"], r["domain"], r["item_id"]) in seen]
+  assert not leaked, f"recommended items from the user's own history: {leaked[:3]}"
+  for (u, d), rows in _group(top).items():
+    assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows),
+                                                        reverse=True), (u, d)
+  music = [r for r in top if r["domain"] == "music"][:20]
+  with open(tmp_path / "pairs.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["user_id", "item_id", "domain"])
+    w.writerows([(r["user_id"], r["item_id"], "music") for r in music] +
+                [(music[0]["user_id"], sorted({r["item_id"] for r in top if r["domain"] == "books"})[0],
+                  "books")])
+  run("pairs.csv.out.csv", pairs=tmp_path / "pairs.csv")
+  with open(tmp_path / "pairs.csv.out.csv") as f:
+    pairs = list(csv.DictReader(f))
+  np.testing.assert_allclose([float(r["score"]) for r in pairs[:-1]],
+                             [float(r["score"]) for r in music], rtol=1e-5, atol=1e-5)
+  assert 1.0 <= float(pairs[-1]["score"]) <= 5.0 and pairs[-1]["task"] == "rating"
+  # An item outside the trained catalog is refused by name, and nothing is written.
+  with open(files / "items.csv", encoding="utf-8") as f:
+    extra = f.read() + "zz-new,music,a brand new song\n"
+  (tmp_path / "items_new.csv").write_text(extra, encoding="utf-8")
+  with pytest.raises(score.ScoringError, match="not in the catalog the stage-1 model was trained"):
+    score.run_scoring(tmp_path / "run", files / "interactions.csv", tmp_path / "items_new.csv",
+                      tmp_path / "refused.csv", top_k=3)
+  assert not list(tmp_path.glob("refused.csv*"))
+
+
+def _group(rows):
+  out = {}
+  for r in rows:
+    out.setdefault((r["user_id"], r["domain"]), []).append(r)
+  return out
 
 
 def test_zscore_ignores_unscorable_items():

@@ -9,6 +9,7 @@ user_d(u) = p_u (ID factors; zero for a user unknown to training)
             y_j = y_j (ID) + W_history · text_j
           + MLP_d([mean text of N_d, mean text of N_o])
           + W_profile · profile_u                                        (optional)
+          + mean of the user's tag embeddings (side features such as demographics)
 
 N_d is the user's history in the target domain and N_o in the other domains: they are kept as
 separate signals with per-domain gates, because mixing them into one pooled vector measurably
@@ -33,6 +34,7 @@ class HybridConfig:
   num_domains: int
   text_dim: int = 0                 # 0: no text vectors
   num_tags: int = 0                 # categorical item side features (0: none)
+  num_user_tags: int = 0            # categorical user side features, e.g. demographics
   dim: int = 64
   use_biases: bool = True
   use_ids: bool = True              # q_i (and p_u when use_user_ids)
@@ -65,6 +67,7 @@ class HybridRecommender(nnx.Module):
     self.user_factors = nnx.Param(_normal(rngs, (c.num_users + 1, c.dim), 0.01))
     self.item_factors = nnx.Param(_normal(rngs, (c.num_items + 1, c.dim), 0.01))
     self.tag_embeddings = nnx.Param(_normal(rngs, (max(c.num_tags, 1), c.dim), 0.01))
+    self.user_tag_embeddings = nnx.Param(_normal(rngs, (max(c.num_user_tags, 1), c.dim), 0.01))
     self.history_factors = nnx.Param(_normal(rngs, (c.num_items + 1, c.dim), 0.01))
     self.history_gates = nnx.Param(jnp.stack([jnp.ones(c.num_domains),
                                               jnp.full(c.num_domains, 0.5)], -1))
@@ -95,7 +98,8 @@ class HybridRecommender(nnx.Module):
     bias = self.item_bias.value if items is None else self.item_bias.value[items]
     return vec, (bias if c.use_biases else jnp.zeros_like(bias))
 
-  def example_user_vectors(self, batch, text, domain_of_item, profile=None, user_delta=None):
+  def example_user_vectors(self, batch, text, domain_of_item, profile=None, user_delta=None,
+                           user_tags=None):
     """[B, dim] user vector of each example for its target domain.
 
     Histories are pooled once per distinct history row (``batch["hist"]``, [H, L]) and gathered
@@ -139,6 +143,8 @@ class HybridRecommender(nnx.Module):
     user = batch["user"]                                           # num_users when unknown
     if c.use_ids and c.use_user_ids:
       vec = vec + self.user_factors.value[user] * (user < c.num_users)[:, None]
+    if c.num_user_tags and user_tags is not None:  # [num_users + 1, num_user_tags]; last row 0
+      vec = vec + user_tags[user] @ self.user_tag_embeddings.value
     if user_delta is not None:
       vec = vec + user_delta
     return vec

@@ -169,3 +169,28 @@ def test_fast_serialization_reads_back_like_tfds_own(tmp_path, monkeypatch):
       assert x.keys() == y.keys()
       for k in x:
         assert repr(x[k]) == repr(y[k]), (split, i, k)
+
+
+def test_fast_serialization_matches_tfds_on_edge_lengths():
+  """Varint boundaries (127/128 bytes), long texts, unicode, empty and long lists, big ints."""
+  import random  # pylint: disable=import-outside-toplevel
+  from tensorflow_datasets.core import example_serializer  # pylint: disable=import-outside-toplevel
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.data import fast_write  # pylint: disable=import-outside-toplevel
+  features = builder.CrossDomain(config=builder.CrossDomainBuilderConfig(name="x"),
+                                 data_dir="/nonexistent").info.features
+  rng = random.Random(0)
+  text = lambda n: "".join(rng.choice("ab \u2028\u00e9\u5b57") for _ in range(n))
+  records = [builder._EXAMPLE_DEFAULTS | {
+      "user_key": text(rng.randrange(300)), "item_text": text(rng.choice([0, 42, 127, 128, 20000])),
+      "profile": text(rng.randrange(3000)), "domain_index": rng.choice([0, 127, 128, 2**31 - 1]),
+      "history_items": [text(rng.randrange(200)) for _ in range(rng.randrange(40))],
+      "cold": rng.random() < 0.5, "label": rng.random() * 5, "order": rng.random() * 1e9}
+      for _ in range(200)]
+  with fast_write.pass_serialized_through():
+    serialize = fast_write.serializer(features, records[:2])
+  assert serialize is not None
+  reference = example_serializer.ExampleSerializer(features.get_serialized_info())
+  for record in records:
+    assert tf_example_pb2.Example.FromString(serialize(record)) == tf_example_pb2.Example.FromString(
+        reference.serialize_example(features.encode_example(record)))

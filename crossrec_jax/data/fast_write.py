@@ -64,40 +64,57 @@ def _schema(features):
 def _make_serialize(schema):
   """The tf.train.Example wire format, written directly: Example.features (1) -> Features.feature
   (1, map<string, Feature>: key 1, value 2); Feature = bytes_list (1) | float_list (2) |
-  int64_list (3), each holding its values in field 1 (floats and ints packed)."""
+  int64_list (3), each holding its values in field 1 (floats and ints packed). Lengths are
+  computed, pieces collected and joined once (no per-level copies of long texts)."""
   import struct  # pylint: disable=import-outside-toplevel
   pack_float = struct.Struct("<f").pack
   small, varint = _SMALL, _varint
-  true, false = b"\x1a\x03\x0a\x01\x01", b"\x1a\x03\x0a\x01\x00"
-
-  def string_list(values):
-    inner = b"".join(b"\x0a" + (small[len(b)] if len(b) < 128 else varint(len(b))) + b
-                     for b in (v.encode() for v in values))
-    return b"\x0a" + (small[len(inner)] if len(inner) < 128 else varint(len(inner))) + inner
+  plan = []
+  for name, key, kind in schema:  # key: map-entry key field + the value tag (0x12)
+    if kind == _FLOAT:  # entry: key, len 8, Feature(float_list(len 6: tag, len 4, 4 bytes))
+      plan.append((name, kind, b"\x0a" + varint(len(key) + 9) + key + b"\x08\x12\x06\x0a\x04",
+                   None))
+    elif kind == _BOOL:
+      entry = lambda bit: key + b"\x05\x1a\x03\x0a\x01" + bit
+      plan.append((name, kind, b"\x0a" + varint(len(entry(b"\x00"))) + entry(b"\x00"),
+                   b"\x0a" + varint(len(entry(b"\x01"))) + entry(b"\x01")))
+    else:
+      plan.append((name, kind, key, len(key)))
 
   def serialize(record) -> Serialized:
     parts = []
-    for name, key, kind in schema:
+    extend = parts.extend
+    for name, kind, const, extra in plan:
       value = record[name]
       if kind == _STRING:
         b = value.encode()
         n = len(b)
-        inner = b"\x0a" + (small[n] if n < 128 else varint(n)) + b
-        n = len(inner)
-        feature = b"\x0a" + (small[n] if n < 128 else varint(n)) + inner
+        inner = 1 + (1 if n < 128 else len(varint(n))) + n            # BytesList
+        feature = 1 + (1 if inner < 128 else len(varint(inner))) + inner  # Feature
+        entry = extra + (1 if feature < 128 else len(varint(feature))) + feature
+        extend((b"\x0a", small[entry] if entry < 128 else varint(entry), const,
+                small[feature] if feature < 128 else varint(feature),
+                b"\x0a", small[inner] if inner < 128 else varint(inner),
+                b"\x0a", small[n] if n < 128 else varint(n), b))
       elif kind == _FLOAT:
-        feature = b"\x12\x06\x0a\x04" + pack_float(float(value))
+        extend((const, pack_float(float(value))))
       elif kind == _BOOL:
-        feature = true if value else false
+        parts.append(extra if value else const)
       elif kind == _INT:
         v = varint(int(value))
-        feature = b"\x1a" + small[len(v) + 2] + b"\x0a" + small[len(v)] + v
-      else:
-        feature = string_list(value)
-      n = len(feature)
-      entry = key + (small[n] if n < 128 else varint(n)) + feature
-      n = len(entry)
-      parts.append(b"\x0a" + (small[n] if n < 128 else varint(n)) + entry)
+        m = len(v)
+        extend((b"\x0a", small[extra + 1 + m + 4], const, small[m + 4], b"\x1a", small[m + 2],
+                b"\x0a", small[m], v))
+      else:  # list of strings: BytesList with one field per value
+        values = [x.encode() for x in value]
+        inner = b"".join(b"\x0a" + (small[len(x)] if len(x) < 128 else varint(len(x))) + x
+                         for x in values)
+        n = len(inner)
+        feature = 1 + (1 if n < 128 else len(varint(n))) + n
+        entry = extra + (1 if feature < 128 else len(varint(feature))) + feature
+        extend((b"\x0a", small[entry] if entry < 128 else varint(entry), const,
+                small[feature] if feature < 128 else varint(feature),
+                b"\x0a", small[n] if n < 128 else varint(n), inner))
     body = b"".join(parts)
     return Serialized(b"\x0a" + varint(len(body)) + body)
   return serialize

@@ -17,7 +17,6 @@ import json
 import math
 import pathlib
 import sys
-from typing import Any
 
 import numpy as np
 import pyarrow as pa

@@ -60,10 +60,11 @@ class InteractionData:
           sizes = z["domain_sizes"]
           flat_ids, texts = list(z["item_ids"]), list(z["item_texts"])
           tags = [t.split("|") if t else [] for t in z["item_tags"]]
+          user_tags = [t.split("|") if t else [] for t in z["user_tags"]]
           bounds = np.concatenate([[0], np.cumsum(sizes)])
           return cls(domains, [flat_ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
                      texts, tags, list(z["user_keys"]), z["user"], z["domain"], z["item"], z["label"],
-                     z["order"], z["split"])
+                     z["order"], z["split"], user_tags)
       except (OSError, ValueError, KeyError):
         pass  # unreadable: read the records again and rewrite it
     data = cls._read_records(builder, domains)
@@ -74,6 +75,7 @@ class InteractionData:
                item_texts=np.array(data.item_texts, dtype=str),
                item_tags=np.array(["|".join(t) for t in data.item_tags], dtype=str),
                user_keys=np.array(data.user_keys, dtype=str), user=data.user, domain=data.domain,
+               user_tags=np.array(["|".join(t) for t in data.user_tags], dtype=str),
                item=data.item, label=data.label, order=data.order, split=data.split.astype(str))
       os.replace(tmp, cache)
     except OSError:
@@ -95,6 +97,7 @@ class InteractionData:
       texts[d].append(decode_text(r["item_text"]))
       tags[d].append([decode_text(t) for t in r["item_tags"]])
     columns = collections.defaultdict(list)
+    user_tags = {}
     for split in _SPLITS:
       if split not in sources:
         continue
@@ -102,16 +105,20 @@ class InteractionData:
       for start in range(0, len(source), 4096):
         for r in source.__getitems__(list(range(start, min(start + 4096, len(source))))):
           columns["user_key"].append(decode_text(r["user_key"]))
+          if len(r["user_tags"]):
+            user_tags[columns["user_key"][-1]] = [decode_text(t) for t in r["user_tags"]]
           columns["domain"].append(decode_text(r["domain"]))
           columns["item_id"].append(decode_text(r["item_id"]))
           columns["label"].append(float(r["label"]))
           columns["order"].append(float(r["order"]))
           columns["split"].append(split)
-    return cls.from_columns(domains, per_domain, texts, item_tags=tags, **columns)
+    return cls.from_columns(domains, per_domain, texts, item_tags=tags, user_tags=user_tags,
+                            **columns)
 
   @classmethod
   def from_columns(cls, domains, item_ids, item_texts, *, user_key, domain, item_id, label, order,
-                   split, item_tags=None) -> "InteractionData":
+                   split, item_tags=None, user_tags=None) -> "InteractionData":
+    """``user_tags``: user key -> that user's side features (optional)."""
     names = [d["name"] for d in domains]
     offsets = np.concatenate([[0], np.cumsum([len(x) for x in item_ids])])
     index = {(d, i): offsets[k] + c for k, (d, ids) in enumerate(zip(names, item_ids))
@@ -127,7 +134,7 @@ class InteractionData:
         domain=np.array([names.index(d) for d in domain], np.int64),
         item=np.array([index[(d, i)] for d, i in zip(domain, item_id)], np.int64),
         label=np.asarray(label, np.float64), order=np.asarray(order, np.float64),
-        split=np.asarray(split))
+        split=np.asarray(split), user_tags=[list((user_tags or {}).get(k, ())) for k in user_keys])
 
   def only_domain(self, domain: int) -> "InteractionData":
     """The rows of one domain (the catalog is kept, so item indices do not change): what a

@@ -227,6 +227,26 @@ def test_movielens_reader(tmp_path):
     read_movielens(tmp_path)
 
 
+def test_movielens_demographics_become_user_tags_in_the_interaction_log(tmp_path):
+  from crossrec_jax.interactions import InteractionData  # pylint: disable=import-outside-toplevel
+  (tmp_path / "u.data").write_text("1\t10\t4\t100\n1\t11\t2\t200\n2\t10\t5\t150\n2\t11\t3\t160\n")
+  (tmp_path / "u.item").write_text("10|A (1995)|x||u|" + "|".join(["0"] * 18 + ["1"]) + "\n"
+                                   "11|B (1994)|x||u|" + "|".join(["1"] + ["0"] * 18) + "\n")
+  (tmp_path / "u.user").write_text("1|24|M|technician|85711\n2|53|F|other|04043\n")
+  interactions, _ = read_movielens(tmp_path)
+  assert interactions[0].user_tags == ("age:18-24", "gender:M", "occupation:technician", "zip:8")
+  b = builder.prepare("movielens", str(tmp_path), data_dir=str(tmp_path / "tfds"),
+                      processing=ProcessingConfig(split="ratio", ratio=(0.5, 0.0, 0.5)))
+  log = InteractionData.from_builder(b)
+  assert sorted(map(sorted, log.user_tags)) == [
+      ["age:18-24", "gender:M", "occupation:technician", "zip:8"],
+      ["age:50-55", "gender:F", "occupation:other", "zip:0"]]
+  assert InteractionData.from_builder(b).user_tags == log.user_tags    # the cached copy keeps them
+  (tmp_path / "u.user").write_text("1|24|M|technician|85711\n2|fifty|F|other|04043\n")
+  with pytest.raises(DataError, match=r"u\.user:line 2: expected user\|age\|gender"):
+    read_movielens(tmp_path)
+
+
 def test_synthetic_is_deterministic_and_cross_domain():
   a, _ = synthetic.generate(SMALL)
   b, _ = synthetic.generate(SMALL)

@@ -75,6 +75,30 @@ def test_hybrid_learns_ratings_beyond_the_biases():
   assert ours < bias - 0.1, (ours, bias)
 
 
+def test_user_tags_carry_taste_to_users_with_few_ratings():
+  """Ratings planted by a user group (a tag) x item factor; test users have 2 train ratings, so
+  only the tag tells their taste."""
+  rng = np.random.default_rng(3)
+  groups, i_f = rng.normal(size=(4, 2)) * 1.5, rng.normal(size=(40, 2))
+  rows, tags = [], {}
+  for u in range(160):
+    g = u % 4
+    tags[f"u{u}"] = [f"group:{g}"]
+    sparse = u >= 120
+    for t, i in enumerate(rng.choice(40, 12, replace=False)):
+      r = float(np.clip(np.round(3 + groups[g] @ i_f[i] + rng.normal(0, 0.3)), 1, 5))
+      rows.append((f"u{u}", "movies", f"m{i}", r, t, "test" if sparse and t >= 2 else "train"))
+  data = _log([RATING], [[f"m{i}" for i in range(40)]], rows)
+  data = dataclasses.replace(data, user_tags=[tags[k] for k in data.user_keys])
+  test = data.queries("test", 0, context="all")
+  rmse = {}
+  for use in (False, True):
+    model = fit_hybrid(data, _settings(data, epochs=150, dim=8, use_user_tags=use, reg_user_tags=1.0),
+                       verbose=False)
+    rmse[use] = metrics.rmse(np.clip(model.score_pairs(test), 1, 5), test.label)
+  assert rmse[True] < rmse[False] - 0.1, rmse
+
+
 def test_a_train_target_is_taken_out_of_its_own_history():
   data = _planted_ratings()
   text = np.random.default_rng(1).normal(size=(data.num_items, 8)).astype(np.float32)

@@ -34,6 +34,7 @@ _EXAMPLE_DEFAULTS = {
     "user_key": "", "domain": "", "domain_index": 0, "item_id": "", "item_text": "",
     "label": 0.0, "profile": "", "order": 0.0, "cold": False, "history_items": [],
     "user_in_train": False, "item_in_train": False, "raw_user_id": "", "item_tags": [],
+    "user_tags": [],
 }
 
 
@@ -70,11 +71,12 @@ class CrossDomainBuilderConfig(tfds.core.BuilderConfig):
 class CrossDomain(tfds.core.GeneratorBasedBuilder):
   """Cross-domain interactions with per-example profile texts."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "Initial release.",
                    "1.1.0": "history split: context-only interactions (no profile), so the "
                             "whole interaction log can be read back from the data set; "
-                            "item_tags (categorical side features)."}
+                            "item_tags (categorical side features).",
+                   "1.2.0": "user_tags (categorical user side features, e.g. demographics)."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()
@@ -88,6 +90,7 @@ class CrossDomain(tfds.core.GeneratorBasedBuilder):
             "profile": text, "order": scalar(np.float64), "cold": scalar(np.bool_),
             "history_items": tfds.features.Sequence(text),
             "item_tags": tfds.features.Sequence(text),
+            "user_tags": tfds.features.Sequence(text),
             "user_in_train": scalar(np.bool_), "item_in_train": scalar(np.bool_),
             "raw_user_id": text,
         }),

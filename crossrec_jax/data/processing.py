@@ -264,6 +264,7 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
         examples[split].append({
             "user_key": user, "domain": x.domain, "domain_index": index[x.domain],
             "item_id": x.item_id, "label": x.label, "order": x.order,
+            "user_tags": list(x.user_tags),
             "user_in_train": user in train_users,
             "item_in_train": (x.domain, x.item_id) in train_items})
         continue
@@ -285,6 +286,7 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
           "user_in_train": user in train_users,
           "item_in_train": (x.domain, x.item_id) in train_items,
           "raw_user_id": x.user_id if config.store_raw_user_ids else "",
+          "user_tags": list(x.user_tags),
       }
       examples[split].append(record)
 

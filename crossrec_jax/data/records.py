@@ -42,6 +42,7 @@ class Interaction:
   split: str | None = None
   where: Any = ""       # 'file:line N', or a Places resolved only when a message needs it
   row: int = -1
+  user_tags: tuple[str, ...] = ()  # the user's categorical side features (e.g. demographics)
 
   @property
   def place(self) -> str:

@@ -354,3 +354,16 @@ def test_rating_scales_settable_from_the_train_cli():
   settings = processing_config(values.config)
   assert settings.rating_scales == (("books", 1.0, 5.0), ("movies", 1.0, 5.0))
   assert settings.domain_tasks == (("music", "implicit"),)
+
+
+def test_jsonl_bom_and_parquet_datetimes_are_read(tmp_path):
+  import datetime  # pylint: disable=import-outside-toplevel
+  rows = [{"user_id": "u1", "domain": "books", "item_id": f"b{i}", "label": 1 + i,
+           "timestamp": datetime.datetime(2020, 1, 3 - i)} for i in range(3)]
+  items = "\ufeff" + _jsonl([{"item_id": f"b{i}", "domain": "books", "title": f"t{i}"} for i in range(3)])
+  src = _source(tmp_path, {"items.csv": None, "items.jsonl": items, "interactions.csv": None,
+                           "interactions.parquet": _parquet(rows)})
+  out = _process(src)
+  # The newest interaction (b0, 3 Jan) is the test target; b2 (1 Jan) is the oldest.
+  assert [r["item_id"] for r in out["examples"]["test"]] == ["b0"]
+  assert [r["item_id"] for r in out["examples"]["train"]] == ["b2"]

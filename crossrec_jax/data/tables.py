@@ -203,7 +203,7 @@ def _read_jsonl(path: pathlib.Path) -> Table:
     for number, raw in enumerate(f, 1):
       bar.update(1)
       try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM is not JSON
       except UnicodeDecodeError as e:
         raise DataError(f"{path}:line {number}: not valid UTF-8 ({e.reason}); re-encode the "
                         "file as UTF-8") from e
@@ -257,6 +257,11 @@ def _read_parquet(path: pathlib.Path) -> Table:
                         for i in np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))}
       column = pa.array(["" if v is None else _nested_text(v) for v in column.to_pylist()],
                         pa.string())
+    elif pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+      # A datetime column orders like its epoch value (timestamp/position only need order).
+      column = pc.cast(pc.cast(column, pa.timestamp("us")) if pa.types.is_date(kind) else column,
+                       pa.int64())
+      column = pc.cast(column, pa.string())
     elif pa.types.is_floating(kind):
       # repr keeps 'nan' / 'inf' recognisable and integers-as-floats readable.
       column = pa.array(["" if v is None else repr(v) if not (isinstance(v, float) and

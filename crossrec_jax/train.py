@@ -351,6 +351,13 @@ def _train_end_to_end(config, workdir, progress_marker) -> dict[str, Any]:
               flush=True)
         break
       if config.steps_per_run and step - start >= config.steps_per_run and step < config.train_steps:
+        # This step may be no log step, so its loss has not been checked yet: never save NaN.
+        loss = float(sharding.to_host(metrics["loss"]))
+        if not np.isfinite(loss):
+          raise NonFiniteLossError(
+              f"loss is {loss} at step {step}; stopping without checkpointing it. The last good "
+              f"checkpoint in {checkpointer.directory} is kept. Lower optim.learning_rate, "
+              "enable optim.clip_norm, or check the data.")
         save(step)
         print(f"\nRan steps_per_run={config.steps_per_run} steps: saved step {step}; run the same "
               "command again to continue.")

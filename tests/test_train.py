@@ -2,15 +2,18 @@
 
 import importlib.util
 import json
-import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -90,16 +93,41 @@ def test_fsdp_shards_params_and_optimizer_state(tmp_path, data_dir):
 
 @pytest.mark.parametrize("mesh", [{"data": 8, "fsdp": 1}, {"data": 2, "fsdp": 4}])
 def test_eight_device_losses_match_one_device(tmp_path, data_dir, mesh):
+  """Under jit any sharding gives the same numbers, so equal losses alone cannot show that the
+  work is split: also check that each device holds 1/8 of the batch rows in host order, that the
+  step returns params and Adam moments with their declared shardings (not replicated), and
+  that per-example predictions agree row by row."""
   overrides = {"data.data_dir": data_dir, "mesh.data": mesh["data"], "mesh.fsdp": mesh["fsdp"]}
   config8 = load_config(**overrides)
-  losses8, state8, _, batches = _losses(config8, tmp_path / "a", jax.devices())
+  losses8, state8, run8, batches = _losses(config8, tmp_path / "a", jax.devices())
   config1 = load_config(**{"data.data_dir": data_dir, "mesh.data": 1, "mesh.fsdp": 1})
-  losses1, state1, _, _ = _losses(config1, tmp_path / "b", jax.devices()[:1], batches)
+  losses1, state1, run1, _ = _losses(config1, tmp_path / "b", jax.devices()[:1], batches)
   print(f"\n[mesh {mesh}] losses 8 devices {losses8} vs 1 device {losses1}")
   # Tolerance: reductions are split differently across devices (float32 reassociation).
   np.testing.assert_allclose(losses8, losses1, rtol=2e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  # The batch is split over data x fsdp: 8 disjoint row blocks, in the host's row order.
+  batch = sharding.host_batch_to_global(batches[0], run8.mesh)
+  for key, value in batch.items():
+    rows = sorted((s.index[0].start or 0, s.data.shape[0]) for s in value.addressable_shards)
+    assert rows == [(i * config8.batch_size // 8, config8.batch_size // 8) for i in range(8)], (key, rows)
+    np.testing.assert_array_equal(np.asarray(value), batches[0][key], err_msg=key)
+  # The step keeps the declared (sharded) placement of params and optimizer state.
+  for name in ("params", "opt_state"):
+    got, want = getattr(state8, name), jax.tree.leaves(getattr(run8.state_shardings, name))
+    for (path, a), sh in zip(jax.tree_util.tree_flatten_with_path(got)[0], want):
+      assert a.sharding.is_equivalent_to(sh, a.ndim), \
+          f"{name}{jax.tree_util.keystr(path)}: {a.sharding.spec} instead of {sh.spec}"
+  if mesh["fsdp"] > 1:
+    kernel = state8.params["encoder"]["layers"][0]["intermediate"]["kernel"]
+    assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // mesh["fsdp"]
+  # Per-example outputs of the sharded model, row by row, equal the single-device ones.
+  predict = jax.jit(steps.make_encode_fns(run8.graphdef)[2])
+  out8, out1 = predict(state8.params, batch), predict(state1.params, batches[0])
+  for key in ("rating", "logit"):
+    np.testing.assert_allclose(np.asarray(out8[key]), np.asarray(out1[key]), rtol=1e-4, atol=1e-5,
+                               err_msg=key)
 
 
 def test_fresh_rating_head_predicts_the_train_mean(tmp_path, data_dir):
@@ -164,19 +192,71 @@ def test_frozen_encoder_is_left_out_of_the_backward_pass(tmp_path, data_dir):
 
 
 def test_parameter_efficient_mode_trains_only_matching(tmp_path, data_dir):
-  config = load_config(**{"data.data_dir": data_dir,
+  """Two real steps: every parameter outside the patterns is bit-unchanged, every one inside
+  moved (warmup 0, so the first step already has a learning rate)."""
+  config = load_config(**{"data.data_dir": data_dir, "optim.warmup_steps": 0,
                           "optim.trainable_patterns": ("^head/", "_ids/", "layers/1/")})
-  run, params = train.build_run(config, tmp_path)
-  labels = jax.tree.leaves(optim.trainable_labels(params, config))
-  assert labels.count("frozen") > labels.count("head") > 0
+  run, params = train.build_run(config, tmp_path, jax.devices()[:1])
+  labels = optim.trainable_labels(params, config)
+  flat_labels = jax.tree.leaves(labels)
+  assert flat_labels.count("frozen") > flat_labels.count("head") > 0
+  assert labels["encoder"]["layers"][1]["query"]["kernel"] == "encoder"
+  assert labels["encoder"]["layers"][0]["query"]["kernel"] == "frozen"
+  before = jax.tree.map(np.array, params)
+  _, state, _, _ = _losses(config, tmp_path, jax.devices()[:1], n=2)
+  after = jax.tree.map(np.asarray, state.params)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(before)[0]]
+  for path, label, a, b in zip(paths, flat_labels, jax.tree.leaves(after), jax.tree.leaves(before)):
+    if label == "frozen":
+      np.testing.assert_array_equal(a, b, err_msg=f"frozen {path} moved")
+    else:
+      assert not np.array_equal(a, b), f"trainable {path} ({label}) did not move"
 
 
-def test_gradient_accumulation_applies_every_k(tmp_path, data_dir):
-  config = load_config(**{"data.data_dir": data_dir, "optim.accumulate_steps": 2})
-  run, params = train.build_run(config, tmp_path)
-  before = np.asarray(params["head"]["out_kernel"])
-  _, state, _, _ = _losses(config, tmp_path, jax.devices(), n=1)
-  np.testing.assert_array_equal(np.asarray(state.params["head"]["out_kernel"]), before)
+def test_gradient_accumulation_averages_k_batches_into_one_update(tmp_path, data_dir):
+  """accumulate_steps=2 with warmup 0: the first micro-step leaves the parameters bit-unchanged
+  (a plain step would move them: the learning rate is > 0 at step 0) and the second applies ONE
+  update with the mean of both batches' gradients."""
+  base = {"data.data_dir": data_dir, "optim.warmup_steps": 0, "adversarial.method": "none"}
+  config = load_config(**base, **{"optim.accumulate_steps": 2})
+  run, params = train.build_run(config, tmp_path, jax.devices()[:1])
+  params0 = jax.tree.map(np.array, params)
+  batches = _batches(run, 2)
+  tables = steps.TaskTables.from_config(run.model_config)
+  step = steps.jit_train_step(steps.make_train_step(run.graphdef, run.tx, tables, config),
+                              run.state_shardings, run.mesh)
+  state = train.init_state(run, params)
+  state, _ = step(state, sharding.host_batch_to_global(batches[0], run.mesh))
+  after_one = jax.tree.map(np.asarray, state.params)
+  state, _ = step(state, sharding.host_batch_to_global(batches[1], run.mesh))
+  after_two = jax.tree.map(np.asarray, state.params)
+  # Each batch's gradient at the initial parameters, from the same step function (same dropout
+  # keys): an optimizer that applies no update and keeps the gradient as its state.
+  capture = optax.GradientTransformation(
+      lambda p: jax.tree.map(jnp.zeros_like, p),
+      lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+  grad_step = jax.jit(steps.make_train_step(run.graphdef, capture, tables, config))
+  g_state = steps.TrainState(jnp.zeros((), jnp.int32), params0, capture.init(params0),
+                             jax.random.PRNGKey(config.seed))
+  grads = []
+  for b in batches:
+    g_state, _ = grad_step(g_state, b)
+    grads.append(g_state.opt_state)
+  plain = optim.create_optimizer(load_config(**base), params0)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+  updates, _ = plain.update(mean, plain.init(params0), params0)
+  expected = jax.tree.map(np.asarray, optax.apply_updates(params0, updates))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params0)[0]]
+  for path, a, b in zip(paths, jax.tree.leaves(after_one), jax.tree.leaves(params0)):
+    np.testing.assert_array_equal(a, b, err_msg=f"{path} moved after the first of 2 micro-steps")
+  moved = 0
+  for path, a, b, p in zip(paths, jax.tree.leaves(after_two), jax.tree.leaves(expected),
+                           jax.tree.leaves(params0)):
+    # Tolerance: the accumulated mean is a running mean (other float rounding than (a+b)/2);
+    # an Adam step is ~1e-4 here, so a wrong update is off by orders of magnitude more.
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8, err_msg=f"{path} after 2 micro-steps")
+    moved += not np.array_equal(b, p)
+  assert moved > len(paths) // 2, "one plain step on the mean gradient moves the parameters"
 
 
 def test_adversarial_step_changes_the_update(tmp_path, data_dir):
@@ -196,9 +276,21 @@ def test_adversarial_step_changes_the_update(tmp_path, data_dir):
 
 # -- the entry point, end to end ------------------------------------------------------------------
 
-def _cli(workdir, data_dir, *flags, env=None):
+try:  # the exit code of a run stopped by SIGTERM (0 before crossrec_jax.cli defined one)
+  from crossrec_jax.cli import EXIT_PREEMPTED
+except ImportError:
+  EXIT_PREEMPTED = 0
+
+
+def _cli(workdir, data_dir, *flags):
   return [sys.executable, "-m", "crossrec_jax.train", f"--config={ROOT / 'configs' / 'tiny.py'}",
           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *flags]
+
+
+def _run(cmd):
+  """Runs to the end: (exit code, stdout and stderr together)."""
+  out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+  return out.returncode, out.stdout
 
 
 def _final_params(workdir):
@@ -209,92 +301,186 @@ def _final_params(workdir):
   return step, restored["state"]["params"]
 
 
-def test_cli_trains_writes_artifacts_and_resumes(tmp_path, data_dir):
+def _saved_steps(workdir):
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _train_steps_logged(workdir):
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  lines = [json.loads(l) for l in path.read_text().splitlines() if l.endswith("}")]
+  return [l["step"] for l in lines if l["split"] == "train"]
+
+
+def _start_and_wait_for_step(cmd, workdir, log, min_step, extra=lambda: True):
+  """Starts the CLI and returns once it has logged train step >= ``min_step`` (inside the
+  training loop: compiled and stepping) and ``extra()`` holds."""
+  with open(log, "w") as f:
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+  deadline = time.time() + 400
+  while time.time() < deadline and proc.poll() is None:
+    if max(_train_steps_logged(workdir), default=0) >= min_step and extra():
+      return proc
+    time.sleep(0.02)
+  proc.kill()
+  raise AssertionError(f"run ended (rc {proc.poll()}) before logging step {min_step}:\n"
+                       f"{pathlib.Path(log).read_text()[-3000:]}")
+
+
+def test_cli_trains_writes_artifacts_and_resumes_from_a_middle_step(tmp_path, data_dir):
   workdir = tmp_path / "run"
-  out = subprocess.run(_cli(workdir, data_dir), capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "valid metrics" in out.stdout and "popularity" in out.stdout
+  rc, out = _run(_cli(workdir, data_dir, "--config.steps_per_run=3"))
+  assert rc == 0, out[-3000:]
+  assert "saved step 3" in out and _saved_steps(workdir) == [3]
+  rc, out = _run(_cli(workdir, data_dir))
+  assert rc == 0, out[-3000:]
+  assert "Resuming from checkpoint step 3" in out
+  assert "valid metrics" in out and "popularity" in out
+  # Steps 4-6 continue the run: no step is trained twice, none is skipped.
+  assert _train_steps_logged(workdir) == [1, 2, 3, 4, 5, 6]
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert lines[-1]["step"] == 6 and "music" in lines[-1]["metrics"]
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   assert (workdir / "tokenizer" / "tokenizer.json").exists()
-  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
-  again = subprocess.run(_cli(workdir, data_dir), capture_output=True, text=True, timeout=600)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "Resuming from checkpoint step 6" in again.stdout
+  assert _saved_steps(workdir) == [3, 6]
 
 
-def test_sigkill_after_checkpoint_then_resume_matches_straight_run(tmp_path, data_dir):
-  flags = ["--config.train_steps=18", "--config.checkpoint_every=3"]
-  straight = subprocess.run(_cli(tmp_path / "straight", data_dir, *flags), capture_output=True,
-                            text=True, timeout=600)
-  assert straight.returncode == 0, straight.stderr[-3000:]
-  proc = subprocess.Popen(_cli(tmp_path / "killed", data_dir, *flags), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  ckpts = tmp_path / "killed" / "checkpoints"
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if (ckpts / "3").is_dir():  # committed (orbax renames from a tmp name when done)
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-  resumed = subprocess.run(_cli(tmp_path / "killed", data_dir, *flags), capture_output=True,
-                           text=True, timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "Resuming from checkpoint step" in resumed.stdout
-  step_a, params_a = _final_params(tmp_path / "straight")
-  step_b, params_b = _final_params(tmp_path / "killed")
-  assert step_a == step_b == 18
+# 9 steps, checkpoints at 3, 6, 9, written asynchronously: the production default.
+ASYNC_FLAGS = ("--config.train_steps=9", "--config.checkpoint_every=3",
+               "--config.async_checkpointing=true")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, data_dir):
+  """The uninterrupted run the interrupted ones must reproduce bit for bit."""
+  workdir = tmp_path_factory.mktemp("straight") / "run"
+  rc, out = _run(_cli(workdir, data_dir, *ASYNC_FLAGS))
+  assert rc == 0, out[-3000:]
+  return _final_params(workdir)
+
+
+def _assert_same_final_params(workdir, straight_run):
+  step_a, params_a = straight_run
+  step_b, params_b = _final_params(workdir)
+  assert step_a == step_b == 9
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
+def test_sigkill_with_async_checkpointing_then_resume_matches_straight_run(tmp_path, data_dir,
+                                                                          straight_run):
+  """kill -9 while training continues past an asynchronous checkpoint (a save may be in
+  flight): the same command resumes from the last committed one and ends bit-identical to an
+  uninterrupted run."""
+  killed = tmp_path / "killed"
+  proc = _start_and_wait_for_step(_cli(killed, data_dir, *ASYNC_FLAGS), killed,
+                                  tmp_path / "killed.log", 4,
+                                  lambda: (killed / "checkpoints" / "3").is_dir())
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  rc, out = _run(_cli(killed, data_dir, *ASYNC_FLAGS))
+  assert rc == 0, out[-3000:]
+  assert re.search(r"Resuming from checkpoint step [36]\b", out), out[-3000:]
+  _assert_same_final_params(killed, straight_run)
+
+
+def test_sigterm_mid_interval_saves_and_the_same_command_resumes_exactly(tmp_path, data_dir,
+                                                                         straight_run):
+  """SIGTERM inside the loop (right after the first logged step, so between checkpoint steps)
+  saves that step and exits; the same command resumes from it and ends bit-identical to an
+  uninterrupted run."""
   workdir = tmp_path / "run"
-  proc = subprocess.Popen(_cli(workdir, data_dir, "--config.train_steps=400", "--config.checkpoint_every=200"),
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-  deadline = time.time() + 300
-  while time.time() < deadline and not (workdir / "tensorboard").exists():
-    time.sleep(0.1)
-  time.sleep(3)  # inside the training loop
+  proc = _start_and_wait_for_step(_cli(workdir, data_dir, *ASYNC_FLAGS), workdir,
+                                  tmp_path / "term.log", 1)
   proc.send_signal(signal.SIGTERM)
-  stdout, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0
-  assert "SIGTERM received: saved step" in stdout
-  saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
-  assert saved and 0 < max(saved) < 400
+  proc.wait(timeout=300)
+  log = (tmp_path / "term.log").read_text()
+  assert proc.returncode == EXIT_PREEMPTED, log[-3000:]
+  saved = re.search(r"SIGTERM received: saved step (\d+)", log)
+  assert saved, log[-3000:]
+  step = int(saved.group(1))
+  assert 1 <= step < 9 and max(_saved_steps(workdir)) == step
+  rc, out = _run(_cli(workdir, data_dir, *ASYNC_FLAGS))
+  assert rc == 0, out[-3000:]
+  assert f"Resuming from checkpoint step {step}" in out
+  _assert_same_final_params(workdir, straight_run)
 
 
-def test_nan_loss_stops_without_checkpoint(tmp_path, data_dir):
+@pytest.mark.parametrize("overrides", [
+    {"checkpoint_every": 1},
+    # steps_per_run stops at step 2, which is neither a log nor a checkpoint step.
+    {"checkpoint_every": 0, "log_every": 100, "steps_per_run": 2},
+], ids=["checkpoint_every_step", "steps_per_run_save"])
+def test_nan_loss_stops_without_checkpoint(tmp_path, data_dir, overrides):
   workdir = tmp_path / "run"
   config = load_config(**{"data.data_dir": data_dir, "optim.learning_rate": 1e30,
-                          "optim.clip_norm": 0.0, "optim.warmup_steps": 0, "checkpoint_every": 1})
+                          "optim.clip_norm": 0.0, "optim.warmup_steps": 0,
+                          "adversarial.method": "none", **overrides})  # none: a faster compile
   with pytest.raises(train.NonFiniteLossError, match=r"loss is (nan|inf) at step \d+; stopping without checkpointing"):
     train.train_and_evaluate(config, workdir)
-  saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
-  for step in saved:  # whatever was saved before the blow-up holds finite parameters
+  if "steps_per_run" in overrides:
+    assert _saved_steps(workdir) == []
+  elif _saved_steps(workdir):  # whatever was saved before the blow-up holds finite parameters
     _, params = _final_params(workdir)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
 
-def test_corrupt_latest_checkpoint_falls_back_and_incompatible_is_refused(tmp_path, data_dir, caplog):
+def test_checkpointer_keeps_the_last_k_and_the_best(tmp_path):
+  checkpointer = ckpt_lib.Checkpointer(tmp_path / "ckpt", keep=2, best_metric="music/ndcg@10",
+                                       best_mode="max", async_save=False)
+  state = {"w": np.zeros(3, np.float32)}
+  for step, value in zip(range(1, 6), (0.1, 0.9, 0.2, 0.3, 0.4)):
+    checkpointer.save(step, state, None, {"model": {}}, {"music/ndcg@10": value})
+  checkpointer.close()
+  assert checkpointer.all_steps() == [2, 4, 5]  # the best (step 2) and the latest 2
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+  """A finished 6-step run (checkpoints 3 and 6), copied by the tests that damage it."""
+  workdir = tmp_path_factory.mktemp("finished") / "run"
+  train.train_and_evaluate(load_config(**{"data.data_dir": data_dir}), workdir)
+  return workdir
+
+
+def _flip_bytes(path):
+  data = bytearray(path.read_bytes())
+  for i in range(len(data) // 2, len(data)):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged", ["array_chunks", "array_metadata"])
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir, finished_run, damaged, caplog):
+  """Either the array data alone (the OCDBT chunk files; every metadata file intact) or the
+  state's metadata alone is damaged: the previous checkpoint is restored, with a warning."""
   workdir = tmp_path / "run"
-  out = subprocess.run(_cli(workdir, data_dir), capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  # Corrupt every file of the latest checkpoint's train state.
-  for f in (workdir / "checkpoints" / "6" / "state").rglob("*"):
-    if f.is_file():
-      f.write_bytes(b"corrupted")
+  shutil.copytree(finished_run, workdir)
+  state_dir = workdir / "checkpoints" / "6" / "state"
+  if damaged == "array_chunks":
+    files = sorted((state_dir / "ocdbt.process_0" / "d").iterdir())
+  else:
+    files = [state_dir / "_METADATA"]
+  assert files
+  for f in files:
+    _flip_bytes(f)
   config = load_config(**{"data.data_dir": data_dir})
   run, _ = train.build_run(config, workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
   with caplog.at_level("WARNING"):
-    step, state, data_state, meta = checkpointer.restore(
+    step, state, data_state, _ = checkpointer.restore(
         ckpt_lib.abstract_like(run.abstract_state, run.state_shardings), expected_meta=run.meta)
+  checkpointer.close()
   assert step == 3 and data_state
+  assert int(state.step) == 3
   assert "trying the previous one" in caplog.text
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path, data_dir, finished_run):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
   # A different model shape is refused with a clear error instead of training over it.
   other = load_config(**{"data.data_dir": data_dir, "model.dim": 48})
   with pytest.raises(ckpt_lib.CheckpointIncompatibleError, match=r"written for another model \(differs in \['dim'\]\).*new --workdir"):

@@ -69,8 +69,11 @@ def test_top_k_matches_brute_force_with_exclusions(trained):
   for u in range(13):
     full[u, exclude[u]] = -np.inf
     expected = np.argsort(-full[u], kind="stable")[:7]
-    np.testing.assert_allclose(scores[u], full[u, expected], rtol=1e-5, atol=1e-5)
-    assert set(top[u]) == set(expected)
+    # Exact order, each index paired with its own score (no near-ties in these random scores).
+    np.testing.assert_array_equal(top[u], expected, err_msg=f"user {u}: top-K order")
+    np.testing.assert_allclose(scores[u], full[u, top[u]], rtol=1e-5, atol=1e-5,
+                               err_msg=f"user {u}: scores not paired with their items")
+    assert np.all(np.diff(scores[u]) <= 0), f"user {u}: scores not descending"
     assert not set(top[u]) & set(exclude[u])
 
 
@@ -112,6 +115,13 @@ def test_cli_pairs_and_top_k(trained, files, tmp_path):
   assert {r["domain"] for r in top} == {"music", "books"}
   assert {r["rank"] for r in top} == {"1", "2", "3"}
   assert json.loads(out.stdout.strip().splitlines()[-1])["rows"] == len(top)
+  # No user is recommended an item of their own history in that domain.
+  with open(files / "interactions.csv") as f:
+    seen = {(r["user_id"], r["domain"], r["item_id"]) for r in csv.DictReader(f)}
+  users = {r["user_id"] for r in top}
+  assert len(users) > 10
+  leaked = [r for r in top if (r["user_id"], r["domain"], r["item_id"]) in seen]
+  assert not leaked, f"{len(leaked)} recommended items are in the user's history, e.g. {leaked[:3]}"
 
 
 @pytest.mark.parametrize("case,pattern", [

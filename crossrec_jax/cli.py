@@ -28,6 +28,14 @@ class UsageError(ValueError):
   """A command-line argument that cannot work (missing file, negative count, ...)."""
 
 
+class ScoringError(ValueError):
+  """Bad scoring input (unknown item, empty file, missing column, ...)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN / inf; the run stops and nothing from it is checkpointed."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
   """argparse with a user mistake as one ``UsageError`` line (exit 2 under ``guarded``)."""
 
@@ -46,7 +54,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from crossrec_jax.checkpoint import CheckpointIncompatibleError  # pylint: disable=import-outside-toplevel
   from crossrec_jax.data.records import DataError  # pylint: disable=import-outside-toplevel
   from crossrec_jax.models.hf import CheckpointError  # pylint: disable=import-outside-toplevel
-  from crossrec_jax.score import ScoringError  # pylint: disable=import-outside-toplevel
   return (ConfigError, UsageError, DataError, CheckpointError, CheckpointIncompatibleError,
           ScoringError)
 
@@ -67,7 +74,6 @@ def report(error: BaseException, verbose: bool, prefix: str = "error") -> None:
 
 def guarded(fn: Callable[[], int | None], verbose: bool) -> int:
   """Runs ``fn`` and turns user mistakes into one line + exit code 2."""
-  from crossrec_jax.train import NonFiniteLossError  # pylint: disable=import-outside-toplevel
   try:
     return int(fn() or 0)
   except user_errors() as e:

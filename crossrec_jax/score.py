@@ -8,315 +8,24 @@ python -m crossrec_jax.score --checkpoint runs/demo --users histories.csv --item
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import os
 import pathlib
 import sys
-import tempfile
-from typing import Any, Sequence
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
-from flax import nnx
 
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax import optim, sharding, steps
+from crossrec_jax import rundir
+from crossrec_jax.cli import ScoringError  # noqa: F401 (public here: the scoring CLI's error)
 from crossrec_jax.data import link_secret, processing, records as records_lib
-from crossrec_jax.data.pipeline import stable_bucket
-from crossrec_jax.models import CrossDomainRecommender, RecommenderConfig, hf
-
-LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
-KNOWN_IDS_FILE = "known_ids.npz"
-
-
-class ScoringError(ValueError):
-  """Bad scoring input (unknown item, empty file, missing column, ...)."""
-
-
-def id_hash(key: str) -> int:
-  return stable_bucket(key, 1 << 62)
-
-
-def write_known_ids(workdir, user_keys: Sequence[str], item_keys: Sequence[str]) -> None:
-  """Hashes of the user / item IDs seen in training (so scoring gives them their ID rows)."""
-  with (epath.Path(workdir) / KNOWN_IDS_FILE).open("wb") as f:
-    np.savez(f, users=np.unique(np.array([id_hash(k) for k in user_keys], np.int64)),
-             items=np.unique(np.array([id_hash(k) for k in item_keys], np.int64)))
-
-
-def _checkpoint_paths(path) -> tuple[epath.Path, epath.Path]:
-  path = epath.Path(path)  # gs://bucket/run stays intact
-  if "://" not in str(path):
-    path = path.absolute()
-  if not path.exists():
-    raise ScoringError(f"--checkpoint {path} does not exist (mistyped?); pass the --workdir of a "
-                       "crossrec_jax.train run")
-  if (path / "checkpoints").is_dir():
-    return path, path / "checkpoints"
-  if path.name == "checkpoints" and path.is_dir():
-    return path.parent, path
-  raise ScoringError(f"--checkpoint {path}: not a training workdir (no checkpoints/ inside). Pass "
-                     "the --workdir of a crossrec_jax.train run.")
-
-
-def _local_copy(directory: epath.Path, into: str) -> str:
-  """A local path for ``directory`` (a bucket folder is copied: tokenizers load from disk)."""
-  if "://" not in str(directory):
-    return str(directory)
-  for f in directory.iterdir():
-    f.copy(epath.Path(into) / f.name)
-  return into
-
-
-def scoring_secret(meta: dict, secret_file: str = "") -> link_secret.LinkSecret:
-  """The linkage secret the checkpoint's users were keyed with (checked by its digest).
-
-  Looked up in: ``secret_file``, ``CROSSREC_LINK_SECRET``, ``CROSSREC_LINK_SECRET_FILE``, the
-  secret file recorded at training time, and the public demo secret (synthetic data).
-  """
-  described = meta.get("link_secret") or {}
-  wanted = described.get("digest")
-  legacy = ((meta.get("config") or {}).get("data") or {}).get("link_secret")
-  if not wanted:  # checkpoints written before secrets were redacted stored the value itself
-    return link_secret.LinkSecret(legacy or link_secret.DEMO_SECRET, "checkpoint config (older run)")
-  candidates, tried = [], []
-  if secret_file:
-    candidates.append(lambda: link_secret.read_secret_file(secret_file, "--link_secret_file"))
-  if os.environ.get(link_secret.ENV_SECRET):
-    candidates.append(lambda: link_secret.LinkSecret(os.environ[link_secret.ENV_SECRET],
-                                                     f"environment {link_secret.ENV_SECRET}"))
-  if os.environ.get(link_secret.ENV_SECRET_FILE):
-    candidates.append(lambda: link_secret.read_secret_file(
-        os.environ[link_secret.ENV_SECRET_FILE], link_secret.ENV_SECRET_FILE))
-  if described.get("file") and pathlib.Path(described["file"]).is_file():
-    candidates.append(lambda: link_secret.read_secret_file(described["file"], "secret file"))
-  candidates.append(lambda: link_secret.LinkSecret(link_secret.DEMO_SECRET, "demo"))
-  for make in candidates:
-    secret = make()
-    if secret.digest == wanted:
-      return secret
-    if secret.origin != "demo":
-      tried.append(secret.origin)
-  raise ScoringError(
-      f"this model keyed its users with a linkage secret (digest {wanted}, from "
-      f"{described.get('origin', '?')}) that "
-      + (f"does not match {', '.join(tried)}" if tried else "was not found")
-      + f"; set {link_secret.ENV_SECRET} or pass --link_secret_file with the training secret")
-
-
-def _newest_meta(checkpointer, candidates) -> dict:
-  """The description of the newest step whose metadata reads (corrupt steps are skipped by
-  the restore that follows, which warns naming both steps)."""
-  errors = []
-  for step in sorted(candidates, reverse=True):
-    try:
-      return checkpointer.read_meta(step)
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(f"step {step}: {type(e).__name__}")
-  raise ckpt_lib.CheckpointIncompatibleError(
-      f"{checkpointer.directory}: no checkpoint has a readable crossrec_jax description "
-      f"({'; '.join(errors)}): a workdir of another program or model, or all steps are corrupt")
-
-
-class Scorer:
-  """Jitted, sharded encoders and scorers over a restored checkpoint."""
-
-  def __init__(self, graphdef, params, model_config: RecommenderConfig, config, tokenizer, mesh,
-               known_ids=None, batch_size: int = 256):
-    self.graphdef, self.params, self.model_config = graphdef, params, model_config
-    self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
-    self.step = self.checkpoint_dir = self.link_secret = None  # set by from_checkpoint
-    n = mesh.devices.size
-    self.batch_size = max(n, (batch_size // n) * n)   # divisible by the devices: no ragged shards
-    self.known_users = None if known_ids is None else known_ids["users"]
-    self.known_items = None if known_ids is None else known_ids["items"]
-    rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    encode_users, encode_items, _, project_items, project_users = steps.make_encode_fns(graphdef)
-    self._encode = {"user": jax.jit(encode_users, in_shardings=(rep, data, data, data), out_shardings=rep),
-                    "item": jax.jit(encode_items, in_shardings=(rep, data, data, data), out_shardings=rep)}
-    self._project_users = jax.jit(project_users, out_shardings=rep)
-    self._project_items = jax.jit(project_items, out_shardings=rep)
-
-    def head(params, users, items, domain):
-      out = nnx.merge(graphdef, params).head(users, items, domain)
-      return {"rating": out["rating"], "probability": jax.nn.sigmoid(out["logit"]),
-              "retrieval": out["retrieval"]}
-    self._head = jax.jit(head, in_shardings=(rep, data, data, data), out_shardings=rep)
-    # Users are split over the devices; the item block is replicated to every device.
-    self._topk_block = functools.lru_cache(maxsize=None)(lambda k: jax.jit(
-        functools.partial(_topk_block, k=k), in_shardings=(data, rep, rep, data, rep, data, data),
-        out_shardings=(data, data)))
-
-  # -- construction -----------------------------------------------------------------------------
-  @classmethod
-  def from_checkpoint(cls, path, *, step: int | None = None, batch_size: int = 256,
-                      devices=None, secret_file: str = "") -> "Scorer":
-    """``step`` None: the newest restorable step (a corrupt newest one is skipped with a
-    warning naming both steps); ``scorer.step`` says which step was restored."""
-    workdir, ckpt_dir = _checkpoint_paths(path)
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
-    try:
-      available = checkpointer.all_steps()
-      if not available:
-        raise ScoringError(f"{ckpt_dir}: no checkpoint inside")
-      if step is not None and step not in available:
-        raise ScoringError(f"{ckpt_dir}: no step {step}; available: {available}")
-      meta = _newest_meta(checkpointer, [step] if step is not None else available)
-      if (meta.get("model") or {}).get("stage") == "cached":
-        raise ScoringError(
-            f"{ckpt_dir / str(step)}: a stage-1 (config.stage='cached') checkpoint; this scorer "
-            "serves end-to-end checkpoints only. Evaluate a stage-1 run by running the same "
-            "train command again (it restores and evaluates), or train with "
-            "--config.stage=end_to_end to score with this CLI.")
-      try:
-        model_config = RecommenderConfig.from_dict(meta["model"])
-        config = ml_collections.ConfigDict(meta["config"])
-      except (KeyError, TypeError, ValueError) as e:
-        raise ckpt_lib.CheckpointIncompatibleError(
-            f"{ckpt_dir / str(step)}: checkpoint description is not from this crossrec_jax version "
-            f"({e}); re-export it with the version that trained it.") from e
-      abstract = nnx.eval_shape(lambda: CrossDomainRecommender(model_config, rngs=nnx.Rngs(0)))
-      graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-      logical = sharding.logical_axes_tree(abstract_params)
-      params_shape = nnx.to_pure_dict(abstract_params)
-      tx = optim.create_optimizer(config, params_shape)
-      abstract_state = jax.eval_shape(lambda p: steps.TrainState(
-          jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0)), params_shape)
-      mesh = sharding.create_mesh({"data": -1}, devices)
-      # Inference replicates the parameters (no rule maps anything to the data axis).
-      shardings_ = steps.state_shardings(abstract_state, logical, tx, (), mesh)
-      restored = checkpointer.restore(ckpt_lib.abstract_like(abstract_state, shardings_),
-                                      expected_meta={"model": meta["model"]}, max_step=step)
-    finally:
-      checkpointer.close()
-    restored_step, state, _, _ = restored
-    secret = scoring_secret(meta, secret_file)
-    with tempfile.TemporaryDirectory() as tmp:
-      tokenizer = hf.load_tokenizer(_local_copy(workdir / meta.get("tokenizer", "tokenizer"), tmp))
-    known = workdir / KNOWN_IDS_FILE
-    known_ids = None
-    if known.exists():
-      with known.open("rb") as f:
-        known_ids = dict(np.load(f))
-    scorer = cls(graphdef, state.params, model_config, config, tokenizer, mesh, known_ids,
-                 batch_size)
-    scorer.step, scorer.checkpoint_dir, scorer.link_secret = restored_step, ckpt_dir, secret
-    return scorer
-
-  # -- encoding ---------------------------------------------------------------------------------
-  def _max_length(self, kind):
-    return int(self.config.data.user_max_length if kind == "user" else self.config.data.item_max_length)
-
-  def _buckets(self, kind, keys):
-    n = self.model_config.user_buckets if kind == "user" else self.model_config.item_buckets
-    known = self.known_users if kind == "user" else self.known_items
-    if not n or known is None or keys is None:
-      return np.full(len(keys) if keys is not None else 0, -1, np.int32)
-    hashes = np.array([id_hash(k) for k in keys], np.int64)
-    is_known = np.isin(hashes, known)
-    return np.where(is_known, [stable_bucket(k, n) for k in keys], -1).astype(np.int32)
-
-  def encode(self, kind: str, texts: Sequence[str], keys: Sequence[str] | None = None) -> np.ndarray:
-    """Vectors for ``texts`` (users' profiles or items' texts), each encoded exactly once.
-
-    Texts are grouped by token length into a few fixed bucket lengths and fixed-size batches
-    (the last one padded), so the jitted encoder compiles once per bucket, never per batch.
-    """
-    max_len = self._max_length(kind)
-    buckets = self._buckets(kind, keys) if keys is not None else np.full(len(texts), -1, np.int32)
-    enc = self.tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
-    lengths = np.array([len(x) for x in enc])
-    bucket_len = np.array([next((b for b in LENGTH_BUCKETS if b >= l), max_len) for l in lengths])
-    bucket_len = np.minimum(bucket_len, max_len)
-    out = np.zeros((len(texts), self.model_config.dim), np.float32)
-    for length in np.unique(bucket_len):
-      idx = np.flatnonzero(bucket_len == length)
-      for start in range(0, len(idx), self.batch_size):
-        chunk = idx[start:start + self.batch_size]
-        ids = np.zeros((self.batch_size, length), np.int32)
-        mask = np.zeros((self.batch_size, length), np.int32)
-        for row, i in enumerate(chunk):
-          ids[row, :lengths[i]] = enc[i]
-          mask[row, :lengths[i]] = 1
-        ids[len(chunk):] = ids[0]   # padding rows: copies, results dropped
-        mask[len(chunk):] = mask[0]
-        b = np.full(self.batch_size, -1, np.int32)
-        b[:len(chunk)] = buckets[chunk]
-        vec = self._encode[kind](self.params, *sharding.global_from_full_batch(
-            {"ids": ids, "mask": mask, "bucket": b}, self.mesh).values())
-        out[chunk] = sharding.to_host(vec)[:len(chunk)]
-    return out
-
-  # -- scoring ----------------------------------------------------------------------------------
-  def score_pairs(self, users: np.ndarray, items: np.ndarray, domains: np.ndarray) -> dict[str, np.ndarray]:
-    """Head outputs for aligned rows of user / item vectors and domain indices."""
-    n, b = len(users), self.batch_size
-    out = collections.defaultdict(list)
-    for start in range(0, n, b):
-      sl = slice(start, min(start + b, n))
-      m = sl.stop - sl.start
-      pad = lambda x: np.concatenate([x, np.repeat(x[-1:], b - m, axis=0)]) if m < b else x
-      res = self._head(self.params, *sharding.global_from_full_batch(
-          {"u": pad(users[sl]), "v": pad(items[sl]), "d": pad(domains[sl].astype(np.int32))},
-          self.mesh).values())
-      for k, v in res.items():
-        out[k].append(sharding.to_host(v)[:m])
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-  def top_k(self, users: np.ndarray, items: np.ndarray, domain: int, k: int,
-            exclude: Sequence[Sequence[int]] | None = None, item_block: int = 4096
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-K items (row indices into ``items``) by retrieval score for each user.
-
-    The catalog is scanned in fixed-size blocks; each block's scores are masked (padding,
-    excluded items) and reduced with ``lax.top_k``, then merged with the running top-K: the
-    users x items matrix is never materialised.
-    """
-    k = min(k, len(items))
-    n_users = len(users)
-    pad = (-n_users) % self.mesh.devices.size
-    users = np.concatenate([users, np.repeat(users[-1:], pad, axis=0)]) if pad else users
-    exclude = list(exclude or [()] * n_users) + [()] * pad
-    user_proj = sharding.to_host(self._project_users(self.params, users))[:, domain]
-    item_proj = sharding.to_host(self._project_items(self.params, items))[:, domain]
-    block = min(item_block, max(len(items), 1))
-    max_excl = max((len(e) for e in exclude), default=0) if exclude else 0
-    excl = np.full((len(users), max(max_excl, 1)), -1, np.int32)
-    for i, e in enumerate(exclude or ()):
-      excl[i, :len(e)] = list(e)
-    best_scores = np.full((len(users), k), -np.inf, np.float32)  # merged across blocks
-    best_index = np.full((len(users), k), -1, np.int32)
-    for start in range(0, len(items), block):
-      part = item_proj[start:start + block]
-      valid = np.zeros(block, bool)
-      valid[:len(part)] = True
-      if len(part) < block:
-        part = np.concatenate([part, np.zeros((block - len(part), part.shape[1]), part.dtype)])
-      s, i = self._topk_block(k)(user_proj, part, valid, excl, np.int32(start), best_scores,
-                                 best_index)
-      best_scores, best_index = s, i   # stay on device between blocks
-    return sharding.to_host(best_index)[:n_users], sharding.to_host(best_scores)[:n_users]
-
-
-def _topk_block(user_proj, item_block, valid, exclude, offset, best_scores, best_index, *, k):
-  block = item_block.shape[0]
-  scores = user_proj @ item_block.T                                   # [U, block]
-  scores = jnp.where(valid[None, :], scores, -jnp.inf)
-  # Excluded items (e.g. the user's history) -> -inf; indices outside this block are dropped.
-  cols = exclude - offset
-  cols = jnp.where((exclude >= 0) & (cols >= 0) & (cols < block), cols, block)
-  rows = jnp.arange(scores.shape[0])[:, None]
-  scores = scores.at[rows, cols].set(-jnp.inf, mode="drop")
-  index = offset + jnp.arange(block, dtype=jnp.int32)
-  s, i = jax.lax.top_k(scores, min(k, item_block.shape[0]))
-  merged_scores = jnp.concatenate([best_scores, s], axis=1)
-  merged_index = jnp.concatenate([best_index, index[i]], axis=1)
-  top, pos = jax.lax.top_k(merged_scores, k)
-  return top, jnp.take_along_axis(merged_index, pos, axis=1)
+# Moved to crossrec_jax/rundir.py and crossrec_jax/scorer.py; importable from here as before.
+from crossrec_jax.rundir import (KNOWN_IDS_FILE, id_hash, scoring_secret,  # noqa: F401
+                                 write_known_ids)
+from crossrec_jax.rundir import checkpoint_paths as _checkpoint_paths  # noqa: F401
+from crossrec_jax.scorer import LENGTH_BUCKETS, Scorer  # noqa: F401
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -463,13 +172,13 @@ def run_scoring(checkpoint, users, items, output, *, pairs=None, top_k=0, domain
 
 
 def _is_stage1(checkpoint, step=None) -> bool:
-  _, ckpt_dir = _checkpoint_paths(checkpoint)
+  _, ckpt_dir = rundir.checkpoint_paths(checkpoint)
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
   try:
     available = checkpointer.all_steps()
     if not available or (step is not None and step not in available):
       return False  # Scorer.from_checkpoint says what is wrong
-    meta = _newest_meta(checkpointer, [step] if step is not None else available)
+    meta = rundir.newest_meta(checkpointer, [step] if step is not None else available)
   finally:
     checkpointer.close()
   return (meta.get("model") or {}).get("stage") == "cached"
@@ -480,16 +189,16 @@ def _run_stage1(checkpoint, users, items, output, fmt, *, pairs, top_k, domains,
   """A stage-1 run: its fused model (network + item-item CF), as its evaluation served it."""
   from crossrec_jax import stage1_run, stage1_score  # pylint: disable=import-outside-toplevel
   from crossrec_jax.data.from_config import processing_config  # pylint: disable=import-outside-toplevel
-  workdir, ckpt_dir = _checkpoint_paths(checkpoint)
+  workdir, ckpt_dir = rundir.checkpoint_paths(checkpoint)
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
   try:
-    meta = _newest_meta(checkpointer, checkpointer.all_steps())
+    meta = rundir.newest_meta(checkpointer, checkpointer.all_steps())
   finally:
     checkpointer.close()
   config = ml_collections.ConfigDict(meta["config"])
   if mapping_file is not None:
     config.data.mapping_file = mapping_file
-  secret = scoring_secret(meta, secret_file)
+  secret = rundir.scoring_secret(meta, secret_file)
   model, data, step = stage1_run.load(workdir, config, secret)
   print(f"Scoring with the stage-1 model of checkpoint step {step} of {ckpt_dir}", file=sys.stderr,
         flush=True)

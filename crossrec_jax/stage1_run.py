@@ -165,7 +165,7 @@ def load(workdir, config, secret=None) -> tuple[Stage1Model, InteractionData, in
 
 
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
-  from crossrec_jax.evaluate import format_table  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.evaluator import format_table  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   data, text, settings, meta = _inputs(config, workdir)

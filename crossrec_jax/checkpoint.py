@@ -31,6 +31,7 @@ class Checkpointer:
     if "://" not in str(self.directory):
       self.directory = self.directory.absolute()
     self.skipped: list[tuple[int, str]] = []  # (step, why) passed over by the last restore
+    self._params_reader = None  # a read-only manager for params-only restores (made on use)
     preserve = [policies.LatestN(keep)]
     if best_metric:
       preserve.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
@@ -66,12 +67,16 @@ class Checkpointer:
     return restored["meta"]
 
   def restore(self, abstract_state, *, expected_meta: dict[str, Any] | None = None,
-              max_step: int | None = None):
+              max_step: int | None = None, params_only: bool = False):
     """Latest restorable checkpoint -> (step, state, data_iter_state bytes, meta) or None.
 
     A corrupt latest checkpoint is reported and the previous one used; an incompatible one
     (other model shape / config) raises ``CheckpointIncompatibleError``: never a silent fresh
     start over existing checkpoints.
+
+    ``params_only``: ``abstract_state`` is the abstract *params* tree and only that subtree of
+    the saved train state is read (Orbax partial restore): serving never allocates the
+    optimizer moments. Returns (step, params, None, meta).
     """
     steps = [s for s in self.all_steps() if max_step is None or s <= max_step]
     errors = []
@@ -93,7 +98,7 @@ class Checkpointer:
                     self.directory, step, e)
         continue
       # Compare shapes before reading any array: a mismatch is a different model, not corruption.
-      wanted = _shapes(abstract_state)
+      wanted = _shapes({"params": abstract_state} if params_only else abstract_state)
       diff = [f"{k}: saved {saved_shapes.get(k)} vs expected {v}" for k, v in wanted.items()
               if saved_shapes.get(k) != v]
       if diff:
@@ -102,8 +107,11 @@ class Checkpointer:
             f"({len(diff)} arrays differ, e.g. {'; '.join(diff[:3])}). Use a new --workdir for a "
             "different model, or restore the matching config.")
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data_iter=ocp.args.JsonRestore()))
+        if params_only:
+          restored = {"state": self._read_params(step, abstract_state), "data_iter": None}
+        else:
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state), data_iter=ocp.args.JsonRestore()))
       except (ValueError, KeyError) as e:
         if "shape" in str(e).lower() or "structure" in str(e).lower() or isinstance(e, KeyError):
           raise CheckpointIncompatibleError(
@@ -131,9 +139,25 @@ class Checkpointer:
           "directory away to start fresh; it is left untouched.")
     return None
 
+  def _read_params(self, step: int, abstract_params):
+    """The ``params`` subtree of step's saved train state, nothing else read."""
+    # StandardCheckpointHandler restores whole trees only; the PyTree handler reads the same
+    # files and can leave subtrees (optimizer state, step, rng) on disk.
+    if self._params_reader is None:
+      self._params_reader = ocp.CheckpointManager(
+          self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+          item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    target = {"params": abstract_params}
+    restored = self._params_reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+    return restored["state"]["params"]
+
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+    if self._params_reader is not None:
+      self._params_reader.close()
 
 
 def _with_defaults(model_meta):

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax import optim, rundir, sharding, steps
+from crossrec_jax import rundir, sharding, steps
 from crossrec_jax.cli import ScoringError
 from crossrec_jax.data.pipeline import stable_bucket
 from crossrec_jax.models import CrossDomainRecommender, RecommenderConfig, hf
@@ -86,22 +86,21 @@ class Scorer:
       graphdef, abstract_params = nnx.split(abstract, nnx.Param)
       logical = sharding.logical_axes_tree(abstract_params)
       params_shape = nnx.to_pure_dict(abstract_params)
-      tx = optim.create_optimizer(config, params_shape)
-      abstract_state = jax.eval_shape(lambda p: steps.TrainState(
-          jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0)), params_shape)
       mesh = sharding.create_mesh({"data": -1}, devices)
-      # Inference replicates the parameters (no rule maps anything to the data axis).
-      shardings_ = steps.state_shardings(abstract_state, logical, tx, (), mesh)
-      restored = checkpointer.restore(ckpt_lib.abstract_like(abstract_state, shardings_),
-                                      expected_meta={"model": meta["model"]}, max_step=step)
+      # Inference replicates the parameters (no rule maps anything to the data axis), and
+      # reads only them: the optimizer state in the checkpoint stays on disk.
+      param_shardings = sharding.tree_shardings(params_shape, logical, (), mesh)
+      restored = checkpointer.restore(ckpt_lib.abstract_like(params_shape, param_shardings),
+                                      expected_meta={"model": meta["model"]}, max_step=step,
+                                      params_only=True)
     finally:
       checkpointer.close()
-    restored_step, state, _, _ = restored
+    restored_step, params, _, _ = restored
     secret = rundir.scoring_secret(meta, secret_file)
     with tempfile.TemporaryDirectory() as tmp:
       tokenizer = hf.load_tokenizer(rundir.local_copy(workdir / meta.get("tokenizer", "tokenizer"), tmp))
     known_ids = rundir.read_known_ids(workdir)
-    scorer = cls(graphdef, state.params, model_config, config, tokenizer, mesh, known_ids,
+    scorer = cls(graphdef, params, model_config, config, tokenizer, mesh, known_ids,
                  batch_size)
     scorer.step, scorer.checkpoint_dir, scorer.link_secret = restored_step, ckpt_dir, secret
     return scorer

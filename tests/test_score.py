@@ -164,3 +164,47 @@ def test_evaluate_workdir_reports_every_domain(trained, capsys):
   assert {"books", "movies", "music"} <= set(results)
   assert "baseline_rmse" in results["books"] and "baseline_hr@10" in results["music"]
   assert "test metrics (ours vs baseline)" in capsys.readouterr().out
+
+
+def test_scoring_restores_params_only_from_a_full_train_state(trained):
+  """The checkpoint holds params + Adam moments in one item (as training writes it); scoring
+  reads the params subtree alone, with the same values a full restore gives."""
+  workdir, config = trained
+  scorer = score.Scorer.from_checkpoint(workdir)
+  run, _ = train.build_run(config, workdir)
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
+  try:
+    _, full, _, _ = checkpointer.restore(ckpt_lib.abstract_like(run.abstract_state,
+                                                                run.state_shardings))
+  finally:
+    checkpointer.close()
+  assert jax.tree.leaves(full.opt_state), "the checkpoint should hold optimizer state"
+  assert jax.tree.structure(scorer.params) == jax.tree.structure(full.params)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(scorer.params)[0]]
+  assert not [p for p in paths if any(k in p for k in ("opt_state", "'mu'", "'nu'", "count"))]
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               scorer.params, full.params)
+
+
+def test_checkpointer_params_only_restore_reads_no_optimizer_state(tmp_path):
+  import optax
+  from crossrec_jax import steps
+  params = {"encoder": {"layers": {0: {"kernel": np.arange(12.0, dtype=np.float32).reshape(3, 4)}}},
+            "head": {"bias": np.ones(5, np.float32)}}
+  tx = optax.adam(1e-3)
+  opt_state = jax.tree.map(lambda x: x + 7, tx.init(params))  # distinguishable from params
+  state = steps.TrainState(np.int32(3), params, opt_state, jax.random.PRNGKey(0))
+  checkpointer = ckpt_lib.Checkpointer(tmp_path / "ckpt", async_save=False)
+  checkpointer.save(3, state, None, {"model": {}})
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), params)
+  try:
+    step, restored, data_state, _ = checkpointer.restore(abstract, params_only=True)
+    with pytest.raises(ckpt_lib.CheckpointIncompatibleError, match="does not match this model"):
+      checkpointer.restore({"head": {"bias": jax.ShapeDtypeStruct((6,), np.float32)}},
+                           params_only=True)
+  finally:
+    checkpointer.close()
+  assert step == 3 and data_state is None
+  assert jax.tree.structure(restored) == jax.tree.structure(params)  # params only, keys as given
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, params)

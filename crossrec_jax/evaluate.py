@@ -38,14 +38,16 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
     if split not in run.sources:
       raise UsageError(f"--split {split!r} is not in the data set; it has "
                        f"{sorted(k for k in run.sources if k != 'items')}")
-    step, state, _, _ = checkpointer.restore(
-        ckpt_lib.abstract_like(run.abstract_state, run.state_shardings), expected_meta=run.meta)
+    # Evaluation needs the weights only: the optimizer state stays on disk.
+    step, params, _, _ = checkpointer.restore(
+        ckpt_lib.abstract_like(run.abstract_state.params, run.state_shardings.params),
+        expected_meta=run.meta, params_only=True)
   finally:
     checkpointer.close()
   evaluator = Evaluator(run.graphdef, run.mesh, run.catalog, run.tokenizer, run.pipe_config,
                         run.model_config)
   baselines = run.baselines
-  results = evaluator.evaluate(state.params, run.sources[split], limit=limit, baselines=baselines)
+  results = evaluator.evaluate(params, run.sources[split], limit=limit, baselines=baselines)
   print(f"[step {step}] {split} metrics (ours vs baseline):\n{format_table(results)}")
   return results
 

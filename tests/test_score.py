@@ -196,6 +196,13 @@ def test_checkpointer_params_only_restore_reads_no_optimizer_state(tmp_path):
   state = steps.TrainState(np.int32(3), params, opt_state, jax.random.PRNGKey(0))
   checkpointer = ckpt_lib.Checkpointer(tmp_path / "ckpt", async_save=False)
   checkpointer.save(3, state, None, {"model": {}})
+  checkpointer.save(6, state.replace(params=jax.tree.map(lambda x: x + 6, params)), None,
+                    {"model": {}})
+  checkpointer.close()
+  for f in (tmp_path / "ckpt" / "6" / "state").rglob("*"):  # step 6's arrays corrupt: falls back
+    if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+      f.write_bytes(b"\0garbage" * 4)
+  checkpointer = ckpt_lib.Checkpointer(tmp_path / "ckpt", async_save=False)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), params)
   try:
@@ -205,6 +212,6 @@ def test_checkpointer_params_only_restore_reads_no_optimizer_state(tmp_path):
                            params_only=True)
   finally:
     checkpointer.close()
-  assert step == 3 and data_state is None
+  assert step == 3 and data_state is None and checkpointer.skipped[0][0] == 6
   assert jax.tree.structure(restored) == jax.tree.structure(params)  # params only, keys as given
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, params)

@@ -7,6 +7,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -32,16 +33,42 @@ def _env(devices):
   return env
 
 
-def _run_two_processes(workdir, data_dir, *flags):
-  port = _free_port()
-  procs = [subprocess.Popen(
-      _command(workdir, data_dir, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-               "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}", *flags),
-      env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-4000:]
-  return outputs
+def _port_taken(output):
+  return any(m in output for m in ("Address already in use", "address already in use",
+                                   "Failed to bind", "failed to bind"))
+
+
+def _run_two_processes(workdir, data_dir, logs, *flags):
+  """Both processes write to files, not pipes (a full pipe would block a process inside a
+  collective while we wait on the other). The coordinator port is free when picked but could
+  be taken before process 0 binds it: then the attempt is repeated on a new port."""
+  for attempt in range(3):
+    port = _free_port()
+    paths = [pathlib.Path(logs) / f"attempt{attempt}_process{i}.log" for i in range(2)]
+    procs = []
+    for i, path in enumerate(paths):
+      with open(path, "w") as f:
+        procs.append(subprocess.Popen(
+            _command(workdir, data_dir, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                     "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                     *flags), env=_env(4), stdout=f, stderr=subprocess.STDOUT))
+    deadline = time.time() + 600
+    try:  # one failed process (e.g. the port was taken) ends the attempt: the other would wait
+      while time.time() < deadline and any(p.poll() is None for p in procs) and \
+          not any(p.poll() for p in procs):
+        time.sleep(0.2)
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+          p.wait()
+    outputs = [path.read_text() for path in paths]
+    if any(p.returncode for p in procs) and any(_port_taken(o) for o in outputs):
+      continue
+    for p, out in zip(procs, outputs):
+      assert p.returncode == 0, out[-4000:]
+    return outputs
+  raise AssertionError(f"no free coordinator port after 3 attempts:\n{outputs[0][-2000:]}")
 
 
 def _train_losses(workdir):
@@ -53,9 +80,9 @@ def test_two_process_training_resumes_and_matches_one_process(tmp_path):
   data_dir = tmp_path / "tfds"
   multi = tmp_path / "multi"
   # Phase 1: both processes stop after 3 steps (checkpoint written jointly), phase 2 resumes.
-  first = _run_two_processes(multi, data_dir, "--config.steps_per_run=3")
+  first = _run_two_processes(multi, data_dir, tmp_path, "--config.steps_per_run=3")
   assert "saved step 3" in first[0]
-  second = _run_two_processes(multi, data_dir)
+  second = _run_two_processes(multi, data_dir, tmp_path)
   assert "Resuming from checkpoint step 3" in second[0]
   single = tmp_path / "single"
   out = subprocess.run(_command(single, data_dir), env=_env(8), capture_output=True, text=True,

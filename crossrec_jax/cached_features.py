@@ -150,6 +150,17 @@ def build_histories(data: InteractionData, rows: np.ndarray, mode: str, length: 
   return hist, example_hist.astype(np.int32), hist_domain.astype(np.int32), hist_user.astype(np.int32)
 
 
+def flat_histories(hist: np.ndarray, pad: int, min_size: int = 256) -> dict[str, np.ndarray]:
+  """The non-padding entries of ``hist`` [H, L] as a flat list (``hist_items``, ``hist_rows``),
+  padded with ``pad`` to a power of two (few distinct shapes, so few compilations)."""
+  rows, cols = np.nonzero(hist != pad)
+  size = max(min_size, 1 << int(np.ceil(np.log2(max(len(rows), 1)))))
+  items = np.full(size, pad, np.int32)
+  items[:len(rows)] = hist[rows, cols]
+  return {"hist_items": items,
+          "hist_rows": np.concatenate([rows, np.zeros(size - len(rows), rows.dtype)]).astype(np.int32)}
+
+
 def tag_vocabulary(data: InteractionData) -> list[str]:
   return sorted({t for tags in data.item_tags for t in tags})
 

@@ -26,7 +26,8 @@ from flax import nnx
 
 # Settings and input tables live in cached_features.py; importable from here as before.
 from crossrec_jax.cached_features import (EXPLICIT, IMPLICIT, HybridSettings,  # noqa: F401
-                                          _history_length, build_histories, resolve_context,
+                                          _history_length, build_histories, flat_histories,
+                                          resolve_context,
                                           resolve_user_ids, standardize, tag_matrix,
                                           tag_vocabulary)
 from crossrec_jax.interactions import InteractionData, Queries
@@ -80,7 +81,8 @@ class FittedHybrid:
       hist, example_hist, hist_domain, hist_user = build_histories(
           data, queries.row, self.context, _history_length(self.settings, self.context))
     return {"self_in_history": np.zeros(len(queries), np.int32),
-            "item": queries.item.astype(np.int32), "hist": hist, "hist_domain": hist_domain,
+            "item": queries.item.astype(np.int32), **flat_histories(hist, data.num_items),
+            "hist_domain": hist_domain,
             "hist_profile": self.profile_rows[hist_user], "example_hist": example_hist,
             "user": np.where(known, queries.user, data.num_users).astype(np.int32),
             "domain": queries.domain.astype(np.int32)}
@@ -333,7 +335,7 @@ def _train_batch(data, rows, positions, chosen, batch_size, width, hist, example
   used, inverse = np.unique(example_hist[pos], return_inverse=True)
   hist_rows = np.concatenate([used, np.full(width - len(used), used[0])])
   return {
-      "hist": hist[hist_rows], "hist_domain": hist_domain[hist_rows],
+      **flat_histories(hist[hist_rows], data.num_items), "hist_domain": hist_domain[hist_rows],
       "hist_profile": profile_rows[hist_user[hist_rows]], "example_hist": inverse.astype(np.int32),
       "user": data.user[target].astype(np.int32), "domain": data.domain[target].astype(np.int32),
       "item": data.item[target].astype(np.int32), "label": data.label[target].astype(np.float32),

@@ -88,11 +88,19 @@ class HybridRecommender(nnx.Module):
     c = self.config
     q = self.item_factors.value if items is None else self.item_factors.value[items]
     vec = q if c.use_ids else jnp.zeros_like(q)
+    # Side vectors are projected for the rows asked for, or for the whole catalog and then
+    # gathered when a batch names more items than the catalog has (a full-batch step).
+    def side(table, project):
+      if items is None:
+        return project(table)
+      if items.shape[0] > table.shape[0]:
+        return project(table)[items]
+      return project(table[items])
+
     if c.use_text and c.text_dim:
-      t = text if items is None else text[items]
-      vec = vec + self.item_text(t)
+      vec = vec + side(text, self.item_text)
     if c.num_tags and tags is not None:   # tags: [num_items + 1, num_tags], rows sum to 1
-      vec = vec + (tags if items is None else tags[items]) @ self.tag_embeddings.value
+      vec = vec + side(tags, lambda t: t @ self.tag_embeddings.value)
     if item_delta is not None:
       vec = vec + item_delta
     bias = self.item_bias.value if items is None else self.item_bias.value[items]
@@ -103,23 +111,33 @@ class HybridRecommender(nnx.Module):
     """[B, dim] user vector of each example for its target domain.
 
     Histories are pooled once per distinct history row (``batch["hist"]``, [H, L]) and gathered
-    per example (``example_hist``). Where a train example's own target is part of its history
+    per example (``example_hist``). The pooling reads the history entries as a flat list
+    (``hist_items`` with their row ``hist_rows``; padding items are ``num_items``) when the batch
+    has one: histories of very different lengths padded to [H, L] cost L / mean length times
+    more (9x on MovieLens). Where a train example's own target is part of its history
     (``self_in_history``, SVD++-style histories of random splits) it is taken out again, so
     training sees what evaluation sees: a history without the target.
     """
     c = self.config
-    hist, dom = batch["hist"], batch["hist_domain"]                # [H, L], [H]
+    dom = batch["hist_domain"]                                     # [H]
+    num_rows = dom.shape[0]
+    if "hist_items" in batch:
+      items, rows = batch["hist_items"], batch["hist_rows"]
+    else:
+      items = batch["hist"].reshape(-1)
+      rows = jnp.repeat(jnp.arange(num_rows), batch["hist"].shape[1])
     at = batch["example_hist"]
     own = batch["self_in_history"].astype(jnp.float32)[:, None]   # [B, 1]
     own_item = batch["item"]
-    valid = hist < c.num_items
-    same = valid & (domain_of_item[hist] == dom[:, None])
+    valid = items < c.num_items
+    same = valid & (domain_of_item[items] == dom[rows])
     other = valid & ~same if c.cross_domain else jnp.zeros_like(valid)
-    n_same = same.sum(1).astype(jnp.float32)[at][:, None] - own
-    n_other = other.sum(1).astype(jnp.float32)[at][:, None]
+    count = lambda mask: jax.ops.segment_sum(mask.astype(jnp.float32), rows, num_rows)
+    n_same = count(same)[at][:, None] - own
+    n_other = count(other)[at][:, None]
 
     def pooled(table, mask):                                       # per history row: sum
-      return jnp.einsum("hl,hld->hd", mask.astype(table.dtype), table[hist])
+      return jax.ops.segment_sum(mask.astype(table.dtype)[:, None] * table[items], rows, num_rows)
 
     vec = jnp.zeros((at.shape[0], c.dim))
     if c.use_history:
@@ -144,7 +162,10 @@ class HybridRecommender(nnx.Module):
     if c.use_ids and c.use_user_ids:
       vec = vec + self.user_factors.value[user] * (user < c.num_users)[:, None]
     if c.num_user_tags and user_tags is not None:  # [num_users + 1, num_user_tags]; last row 0
-      vec = vec + user_tags[user] @ self.user_tag_embeddings.value
+      if user.shape[0] > user_tags.shape[0]:   # project each user once, then gather
+        vec = vec + (user_tags @ self.user_tag_embeddings.value)[user]
+      else:
+        vec = vec + user_tags[user] @ self.user_tag_embeddings.value
     if user_delta is not None:
       vec = vec + user_delta
     return vec

@@ -64,15 +64,15 @@ class HistoryQueries:
     return self.user_index.get(key, -1)
 
 
-def _catalog_rows(data: InteractionData, items: dict[tuple[str, str], Item], wanted, items_path):
-  """Per wanted domain: the global indices of the items file's items (all must be trained)."""
+def _catalog_rows(data: InteractionData, index, items: dict[tuple[str, str], Item], wanted,
+                  items_path):
+  """Per wanted domain: the global indices of the items file's items (all must be trained);
+  ``index``: (domain, item_id) -> global index of the trained catalog."""
   names = data.names
   unknown_domains = sorted({d for d, _ in items} - set(names))
   if unknown_domains:
     raise Stage1ScoringError(f"{items_path}: domain(s) {unknown_domains} are not domains of this "
                              f"model ({names})")
-  index = {(d["name"], i): int(data.offsets[k]) + n
-           for k, (d, ids) in enumerate(zip(data.domains, data.item_ids)) for n, i in enumerate(ids)}
   outside = [key for key in items if key not in index]
   if outside:
     raise Stage1ScoringError(
@@ -91,7 +91,7 @@ def score_top_k(model: Stage1Model, data: InteractionData, by_person: dict[str, 
                 items_path="--items", chunk: int = 4096, progress=None) -> dict[str, int]:
   """Top-``k`` unseen catalog items per person and wanted domain, fused as at evaluation."""
   queries = HistoryQueries(data, _history_length(model))
-  catalogs = _catalog_rows(data, items, wanted, items_path)
+  catalogs = _catalog_rows(data, queries.index, items, wanted, items_path)
   people = sorted(by_person)
   for start in range(0, len(people), chunk):
     part = people[start:start + chunk]
@@ -128,14 +128,14 @@ def score_pairs(model: Stage1Model, data: InteractionData, by_person, user_key, 
                 person_of, wanted, write, *, items_path="--items", progress=None) -> dict[str, int]:
   """Scores of (user_id, item_id, domain) pairs: clipped predicted ratings on rating domains, the
   fused (z-scored) score on implicit ones, which is what ranked them at evaluation."""
-  catalogs = _catalog_rows(data, items, data.names, items_path)
-  index = {int(i): True for rows in catalogs.values() for i in rows}
+  lookup = HistoryQueries(data, _history_length(model))
+  catalogs = _catalog_rows(data, lookup.index, items, data.names, items_path)
+  listed = {int(i) for rows in catalogs.values() for i in rows}
   names, rows = iter_rows(pairs_path)
   missing = [c for c in ("user_id", "item_id", "domain") if c not in names]
   if missing:
     raise Stage1ScoringError(f"{pairs_path}: missing column(s) {missing}; pairs need "
                              "user_id,item_id,domain")
-  lookup = HistoryQueries(data, _history_length(model))
   grouped = collections.defaultdict(list)       # domain -> [(user_id, item_id, person, global)]
   for place, row in rows:
     u, i, d = (str(row.get(c) or "").strip() for c in ("user_id", "item_id", "domain"))
@@ -143,7 +143,7 @@ def score_pairs(model: Stage1Model, data: InteractionData, by_person, user_key, 
       raise Stage1ScoringError(f"{place}: field domain {d!r} is not a domain of this model "
                                f"({data.names})")
     g = lookup.index.get((d, i))
-    if g is None or g not in index:
+    if g is None or g not in listed:
       raise Stage1ScoringError(f"{place}: field item_id {i!r} of domain {d!r} is not a trained "
                                "item listed in the items file")
     if d in wanted:

@@ -262,7 +262,9 @@ def test_gradient_accumulation_averages_k_batches_into_one_update(tmp_path, data
 def test_adversarial_step_changes_the_update(tmp_path, data_dir):
   base = {"data.data_dir": data_dir}
   plain, s0, _, batches = _losses(load_config(**base, **{"adversarial.method": "none"}), tmp_path / "a", jax.devices(), n=3)
-  for method in ("fgm", "pgd", "smart"):
+  # fgm (a perturbation of the embeddings) and smart (a KL term) are the two ways the step wires
+  # a regularizer in; pgd's own arithmetic is pinned in test_adversarial.py.
+  for method in ("fgm", "smart"):
     adv, s1, _, _ = _losses(load_config(**base, **{"adversarial.method": method}), tmp_path / method, jax.devices(), batches)
     assert adv[0] > plain[0], method  # the regularizer adds to the same first-batch loss
     assert not np.allclose(np.asarray(s0.params["head"]["tower_kernel"]),

@@ -50,6 +50,7 @@ COLD_ITEM_MAX_TRAIN = 2  # a target whose item has at most this many train inter
 @dataclasses.dataclass
 class Results:
   rows: list[dict] = dataclasses.field(default_factory=list)
+  paired: list[dict] = dataclasses.field(default_factory=list)  # served vs baselines, per target
 
   def add(self, method: str, domain: str, values: dict[str, float], ours: bool = False,
           slice_name: str = ""):
@@ -257,6 +258,7 @@ def ranking_section(data: InteractionData, text, args, results: Results, names):
         per[d] = np.asarray(fusion.fuse({p: scores_test[p][d] for p in parts}, weights))
       scores_test[label] = per
 
+  all_ranks = {}
   for method, per in scores_test.items():
     ranks = []
     for d in implicit:
@@ -269,10 +271,23 @@ def ranking_section(data: InteractionData, text, args, results: Results, names):
       if cold.any():
         results.add(method, names[d], _metrics(rank[cold], cand[cold], k), per["ours"], "cold items")
     rank, cand, cold = (np.concatenate(x) for x in zip(*ranks))
+    all_ranks[method] = rank
     results.add(method, "all", _metrics(rank, cand, k), per["ours"])
     if cold.any():
       results.add(method, "all", _metrics(rank[cold], cand[cold], k), per["ours"], "cold items")
   print_ranking_table(results, [names[d] for d in implicit], test, counts, k)
+  served = "ours, served: item-kNN + EASE + neural (fused)"
+  if served in all_ranks:
+    print(f"\n  paired differences over all {len(all_ranks[served])} targets (mean +- standard error):")
+    for other in ("item-kNN", "EASE", "CF fusion: item-kNN + EASE (no neural part)"):
+      cells = []
+      for name, a, b in zip((f"HR@{k}", f"NDCG@{k}"), metrics.per_target_hits(all_ranks[served], k),
+                            metrics.per_target_hits(all_ranks[other], k)):
+        mean, se = metrics.paired_difference(a, b)
+        results.paired.append({"method": served, "versus": other, "metric": name.lower(),
+                               "difference": mean, "standard_error": se})
+        cells.append(f"{name} {mean:+.4f} +- {se:.4f}")
+      print(f"  served - {other:<44} " + ", ".join(cells))
 
 
 def _metrics(rank, cand, k):
@@ -402,7 +417,7 @@ def main(argv=None):
     out = pathlib.Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"data": str(data_path), "seconds": time.time() - t0,
-                               "rows": results.rows}, indent=1))
+                               "rows": results.rows, "paired": results.paired}, indent=1))
     print(f"\nrows written to {out}")
   print(f"\ntotal {time.time() - t0:.0f}s")
   return results

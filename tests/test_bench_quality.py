@@ -56,6 +56,17 @@ def test_whole_run_on_a_bring_your_own_directory(byo_dir, tiny_checkpoint, tmp_p
       pick = lambda d: next(r["value"] for r in whole  # noqa: E731
                             if (r["method"], r["domain"], r["metric"]) == (m, d, metric))
       assert pick("all") == pytest.approx(pick("music"))
+  # Paired differences of the served model against each baseline: the difference of the
+  # table's figures over the same targets, with a standard error.
+  paired = json.loads((tmp_path / "rows.json").read_text())["paired"]
+  assert {(p["versus"], p["metric"]) for p in paired} == {
+      (v, m) for v in ("item-kNN", "EASE", "CF fusion: item-kNN + EASE (no neural part)")
+      for m in ("hr@10", "ndcg@10")}
+  value = {(r["method"], r["metric"]): r["value"] for r in whole if r["domain"] == "all"}
+  for p in paired:
+    assert p["difference"] == pytest.approx(value[(p["method"], p["metric"])] -
+                                            value[(p["versus"], p["metric"])], abs=1e-12)
+    assert p["standard_error"] >= 0
 
 
 def test_a_folder_without_text_or_split_columns_runs_unchanged(byo_dir, tiny_checkpoint, tmp_path):

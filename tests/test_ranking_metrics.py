@@ -79,3 +79,13 @@ def test_evaluator_excludes_each_users_earlier_items_of_the_domain():
   # Ranks: 0 of 2 candidates; 3 of 4; m0 above, m2 out -> 1 of 3.
   assert got == pytest.approx({"hr@1": 1 / 3, "ndcg@1": 1 / 3,
                                "auc": ((1 - 0 / 1) + (1 - 3 / 3) + (1 - 1 / 2)) / 3})
+
+
+def test_paired_difference_by_hand():
+  from crossrec_jax import metrics  # pylint: disable=import-outside-toplevel
+  hit_a, ndcg_a = metrics.per_target_hits(np.array([0.0, 1.0, 10.0, 3.5]), 10)
+  np.testing.assert_allclose(hit_a, [1, 1, 0, 1])
+  np.testing.assert_allclose(ndcg_a, [1.0, 1 / np.log2(3), 0.0, 1 / np.log2(5)])
+  mean, se = metrics.paired_difference([1, 0, 1, 1], [0, 0, 1, 0])
+  assert mean == 0.5
+  assert se == pytest.approx(np.sqrt(1 / 3) / 2)   # sd of [1, 0, 0, 1] (ddof 1) over sqrt(4)

@@ -267,6 +267,9 @@ def test_stage1_training_run_beats_its_baselines_checkpoints_and_restores(tmp_pa
   again = train.train_and_evaluate(config, tmp_path / "run")
   assert "Restored the stage-1 model" in capsys.readouterr().out
   assert again["metrics"] == first["metrics"]
+  # `python -m crossrec_jax.evaluate` restores the same served model and reports the same figures.
+  from crossrec_jax import evaluate  # pylint: disable=import-outside-toplevel
+  assert evaluate.evaluate_workdir(tmp_path / "run", "test") == first["metrics"]
   _scores_the_stage1_run(config, tmp_path)
 
 

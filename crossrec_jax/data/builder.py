@@ -104,7 +104,8 @@ class CrossDomain(tfds.core.GeneratorBasedBuilder):
     _check_splits({k for k, v in processed["examples"].items() if v},
                   getattr(self, "required_any_of", ()), source.path or source.source,
                   why=processed.get("split_note", ""))
-    self.info.metadata.update({k: processed[k] for k in ("domains", "counts", "report")})
+    self.info.metadata.update({k: processed[k] for k in ("domains", "counts")})
+    self.info.metadata["report"] = processed["report_metadata"]
     # tfds cannot write an empty split (e.g. no valid split under an 80/20 ratio): leave it out.
     groups = {name: records for name, records in processed["examples"].items() if records}
     groups["items"] = processed["items"]
@@ -169,6 +170,7 @@ def load_and_process(config: SourceConfig) -> dict[str, Any]:
   processed = build_examples(interactions, items, _with_secret(config).processing)
   report.duplicates.update(processed.pop("duplicates", {}))
   processed["report"] = report.to_dict()
+  processed["report_metadata"] = report.to_metadata()
   return processed
 
 

@@ -77,6 +77,12 @@ class ValidationReport:
     return {"skipped_rows": self.total, "by_reason": dict(self.skipped), "examples": self.examples,
             "duplicates_dropped": dict(self.duplicates)}
 
+  def to_metadata(self) -> dict[str, Any]:
+    """What the prepared data set stores: counts and the places of the first skipped rows, not
+    the messages, which can quote field values such as raw user IDs."""
+    return {k: v for k, v in self.to_dict().items() if k != "examples"} | {
+        "places": [m.split(": ", 1)[0] for m in self.examples]}
+
   def log_summary(self, what: str):
     if self.total:
       reasons = ", ".join(f"{k} {v}" for k, v in self.skipped.most_common())

@@ -162,9 +162,13 @@ def score_pairs(model: Stage1Model, data: InteractionData, by_person, user_key, 
     spec = data.domains[d]
     if spec["task"] == "rating":
       score = np.clip(model.score_pairs(q), spec["min_rating"], spec["max_rating"])
-    else:
+    else:  # one catalog row per distinct person, however many pairs they have
       lo = int(data.offsets[d])
-      score = model.score_catalog(q, d)[np.arange(len(q)), targets - lo]
+      people = list(dict.fromkeys(p for _, _, p, _ in pairs))
+      row_of = {p: n for n, p in enumerate(people)}
+      catalog = model.score_catalog(
+          lookup([(lookup.user_of(user_key(p)), by_person[p]) for p in people], d), d)
+      score = catalog[[row_of[p] for _, _, p, _ in pairs], targets - lo]
     write({"user_id": [u for u, _, _, _ in pairs], "item_id": [i for _, i, _, _ in pairs],
            "domain": [data.names[d]] * len(pairs), "task": [spec["task"]] * len(pairs),
            "score": np.asarray(score, np.float32)})

@@ -14,7 +14,6 @@ plus where the time goes. ``--old_src DIR`` also times a whole prepare of an old
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
@@ -26,6 +25,7 @@ import sys
 import tempfile
 import time
 
+from crossrec_jax import cli
 from crossrec_jax.data import builder, fast_write, records
 from crossrec_jax.data.processing import ProcessingConfig
 
@@ -153,13 +153,17 @@ def bench_old_checkout(root: pathlib.Path, rows: int, old_src: str, data_dir: pa
   return clock
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rows", type=int, default=300_000)
-  parser.add_argument("--repeats", type=int, default=2)
-  parser.add_argument("--skip_prepare", action="store_true", help="time the readers only")
-  parser.add_argument("--old_src", default="", help="an older checkout to time a whole prepare of")
-  args = parser.parse_args()
+def _define_flags(fv, argv):
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  d = dict(flag_values=fv)
+  flags.DEFINE_integer("rows", 300_000, "Interaction rows generated.", **d)
+  flags.DEFINE_integer("repeats", 2, "Timings of each reader (the best is kept).", **d)
+  flags.DEFINE_bool("skip_prepare", False, "Time the readers only.", **d)
+  flags.DEFINE_string("old_src", "", "An older checkout to time a whole prepare of.", **d)
+
+
+def main(args):
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp) / "byo"
     generate(root, args.rows)
@@ -172,4 +176,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run_absl(sys.argv, _define_flags, main))  # exit codes: crossrec_jax/cli.py

@@ -4,6 +4,7 @@ split, same run.
 python benchmarks/bench_quality.py --data ../shared/data/ml-100k             # explicit: RMSE / MAE
 python benchmarks/bench_quality.py --data ../shared/data/amazon-arts-office  # implicit: HR / NDCG
 python benchmarks/bench_quality.py --data DIR --json results.json           # every row as JSON
+python benchmarks/bench_quality.py --data DIR --config.hybrid.dim=128     # our model, changed
 
 Any directory in the bring-your-own layout (interactions + items tables) or with MovieLens native
 files works unchanged. Everything runs through the library: the prepared data set
@@ -23,15 +24,16 @@ item has at most 2 train interactions. Test is touched once per method.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import pathlib
 import platform
 import sys
 import time
+import types
 
 import jax
+import ml_collections
 import numpy as np
 import scipy.sparse as sp
 
@@ -121,7 +123,7 @@ def rating_section(data: InteractionData, text, args, results: Results, names):
     add("I-AutoRec", bl.AutoRec(seed=args.seed).fit(data))
 
   if not args.skip_model:
-    base = HybridSettings.defaults_for(data, seed=args.seed, overrides=args.set)
+    base = HybridSettings.defaults_for(data, seed=args.seed, overrides=args.hybrid)
     variants = {"ours (hybrid: text + ID + history)": base}
     if not args.no_ablations:
       variants |= {
@@ -215,7 +217,7 @@ def ranking_section(data: InteractionData, text, args, results: Results, names):
     add("BPR (ID only)", bl.BPR(seed=args.seed).fit(data))
 
   if not args.skip_model:
-    base = HybridSettings.defaults_for(data, seed=args.seed, overrides=args.set)
+    base = HybridSettings.defaults_for(data, seed=args.seed, overrides=args.hybrid)
     variants = {"ours, neural alone (text + ID + history)": (base, None)}
     if not args.no_ablations:
       variants |= {
@@ -334,58 +336,59 @@ def detect_source(path: pathlib.Path) -> str:
   return "byo"
 
 
-def parse_overrides(assignments) -> dict:
-  """``--set dim=128`` (fields of cached_training.HybridSettings; values as Python literals)."""
-  fields = {f.name: f for f in dataclasses.fields(HybridSettings)}
-  out = {}
-  for a in assignments:
-    key, sep, text = a.partition("=")
-    key = key.strip().removeprefix("hybrid.")
-    if not sep:
-      raise cli.UsageError(f"--set {a}: expected KEY=VALUE")
-    if key not in fields:
-      raise cli.UsageError(f"--set {a}: no field {key!r} in HybridSettings (see crossrec_jax/cached_training.py)")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    out[key] = value
-  return out
+def model_config() -> ml_collections.ConfigDict:
+  """``--config.hybrid.FIELD=VALUE``: any field of our model's ``HybridSettings``; those left
+  None keep the measured defaults for the data's kind."""
+  types_ = {"int": int, "float": float, "bool": bool, "str": str}
+  return ml_collections.ConfigDict({"hybrid": {
+      f.name: ml_collections.config_dict.placeholder(types_.get(f.type, str))  # str | bool: str
+      for f in dataclasses.fields(HybridSettings)}})
 
 
-def parse_args(argv):
-  p = cli.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--data", required=True, help="MovieLens or bring-your-own data directory")
-  p.add_argument("--data_dir", default="", help="where the prepared tfds data set is cached")
-  p.add_argument("--json", default="", help="write every table row to this file")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--ratio", type=float, nargs=3, default=(0.8, 0.0, 0.2),
-                 help="train/valid/test split of MovieLens (random, seeded)")
-  p.add_argument("--k", type=int, default=10)
-  p.add_argument("--model", default="embedded:all-MiniLM-L6-v2", help="frozen text encoder")
-  p.add_argument("--item_max_length", type=int, default=32)
-  p.add_argument("--text_cache", default="", help=f"default {text_cache.DEFAULT_CACHE_DIR}")
-  p.add_argument("--skip_model", action="store_true", help="classical models only")
-  p.add_argument("--no_ablations", action="store_true", help="our full model only")
-  p.add_argument("--verbose", action="store_true", help="print training progress")
-  p.add_argument("--adversarial_ablation", action="store_true",
-                 help="also the APR on/off row for implicit domains (explicit ones always get it)")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="a field of our model's HybridSettings, e.g. --set dim=128 (repeatable)")
-  p.add_argument("--bias_regs", type=float, nargs="+", default=(2.0, 5.0, 10.0))
-  p.add_argument("--mf_ranks", type=int, nargs="+", default=(20, 50))
-  p.add_argument("--mf_regs", type=float, nargs="+", default=(0.1, 0.15, 0.2))
-  p.add_argument("--knn_k", type=int, nargs="+", default=(20, 50, 100, 200))
-  p.add_argument("--knn_shrink", type=float, nargs="+", default=(0.0, 10.0, 20.0, 50.0))
-  p.add_argument("--ease_lambda", type=float, default=30.0,
-                 help="best of {10, 30, 100, 300} on Amazon Arts x Office valid")
-  args = p.parse_args(argv)
-  args.set = parse_overrides(args.set)
-  return args
+def _define_flags(fv, argv):
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  d = dict(flag_values=fv)
+  numbers = lambda name, default, kind, text: cli.define_number_list(name, default, kind, text, fv)  # noqa: E731
+  flags.DEFINE_string("data", None, "MovieLens or bring-your-own data directory.", **d)
+  flags.DEFINE_string("data_dir", "", "Where the prepared tfds data set is cached.", **d)
+  flags.DEFINE_string("json", "", "Write every table row to this file.", **d)
+  flags.DEFINE_integer("seed", 0, "Seed of the split and of every model.", **d)
+  numbers("ratio", (0.8, 0.0, 0.2), float, "train,valid,test split of MovieLens (random, seeded)")
+  flags.DEFINE_integer("k", 10, "Cutoff of HR@k / NDCG@k.", **d)
+  flags.DEFINE_string("model", "embedded:all-MiniLM-L6-v2", "Frozen text encoder.", **d)
+  flags.DEFINE_integer("item_max_length", 32, "Tokens per item text.", **d)
+  flags.DEFINE_string("text_cache", "", f"Default {text_cache.DEFAULT_CACHE_DIR}.", **d)
+  flags.DEFINE_bool("skip_model", False, "Classical models only.", **d)
+  flags.DEFINE_bool("no_ablations", False, "Our full model only.", **d)
+  flags.DEFINE_bool("adversarial_ablation", False, "Also the APR on/off row for implicit domains "
+                    "(explicit ones always get it).", **d)
+  config_flags.DEFINE_config_dict("config", model_config(), "Our model: --config.hybrid.dim=128 "
+                                  "sets a field of HybridSettings.", sys_argv=argv, **d)
+  numbers("bias_regs", (2.0, 5.0, 10.0), float, "User+item bias penalties tried.")
+  numbers("mf_ranks", (20, 50), int, "Biased MF ranks tried.")
+  numbers("mf_regs", (0.1, 0.15, 0.2), float, "Biased MF penalties tried.")
+  numbers("knn_k", (20, 50, 100, 200), int, "Item-kNN neighbour counts tried.")
+  numbers("knn_shrink", (0.0, 10.0, 20.0, 50.0), float, "Item-kNN shrinkages tried.")
+  flags.DEFINE_float("ease_lambda", 30.0, "Best of {10, 30, 100, 300} on Amazon Arts x Office "
+                     "valid.", **d)
+  flags.mark_flags_as_required(["data"], flag_values=fv)
+
+
+def parse_args(argv) -> types.SimpleNamespace:
+  """The flags of ``argv`` (without the program name); ``hybrid``: the HybridSettings fields
+  set with ``--config.hybrid.FIELD=VALUE``."""
+  fv = cli.parse_flags(["bench_quality.py", *argv], _define_flags,
+                       config_doc="HybridSettings in crossrec_jax/cached_features.py")
+  hybrid = {k: v for k, v in fv.config.hybrid.items() if v is not None}
+  if isinstance(hybrid.get("use_user_ids"), str) and hybrid["use_user_ids"].lower() in ("true",
+                                                                                        "false"):
+    hybrid["use_user_ids"] = hybrid["use_user_ids"].lower() == "true"
+  return types.SimpleNamespace(**fv.flag_values_dict(), hybrid=hybrid)
 
 
 def main(argv=None):
-  args = parse_args(argv)
+  args = parse_args(sys.argv[1:] if argv is None else argv)
   data_path = pathlib.Path(args.data).expanduser().resolve()
   if not data_path.is_dir():
     raise cli.UsageError(f"--data {args.data}: not a directory (give a MovieLens or bring-your-own data folder)")
@@ -408,7 +411,7 @@ def main(argv=None):
     print(f"item text vectors: {args.model}, {len(data.item_texts)} items x {text.shape[1]}, "
           f"max {args.item_max_length} tokens ({time.time() - t:.0f}s; cached across runs)",
           flush=True)
-    settings = HybridSettings.defaults_for(data, seed=args.seed, overrides=args.set)
+    settings = HybridSettings.defaults_for(data, seed=args.seed, overrides=args.hybrid)
     print(f"our model: {settings}", flush=True)
   results = Results()
   rating_section(data, text, args, results, data.names)

@@ -25,8 +25,8 @@ def _run(data_dir, tiny_checkpoint, tmp_path, *extra):
   bench_quality.main([
       "--data", str(data_dir), "--data_dir", str(tmp_path / "tfds"), "--model", str(tiny_checkpoint),
       "--text_cache", str(tmp_path / "text"), "--json", str(out), "--mf_ranks", "2",
-      "--mf_regs", "0.1", "--bias_regs", "5", "--knn_k", "5", "20", "--knn_shrink", "0", "10",
-      "--set", "epochs=2", *extra])
+      "--mf_regs", "0.1", "--bias_regs", "5", "--knn_k", "5,20", "--knn_shrink", "0,10",
+      "--config.hybrid.epochs=2", *extra])
   return json.loads(out.read_text())["rows"]
 
 
@@ -91,9 +91,11 @@ def test_missing_data_directory_is_a_clear_error(tmp_path):
 
 
 def test_model_overrides_are_checked(tmp_path):
-  args = bench_quality.parse_args(["--data", str(tmp_path), "--set", "dim=16", "--set",
-                                   "hybrid.adversarial=apr", "--set", "learning_rate=1e-3"])
-  assert args.set == {"dim": 16, "adversarial": "apr", "learning_rate": 1e-3}
-  for bad, message in (("no_such_field=1", "no field"), ("dim", "KEY=VALUE")):
+  args = bench_quality.parse_args(["--data", str(tmp_path), "--config.hybrid.dim=16",
+                                   "--config.hybrid.adversarial=apr",
+                                   "--config.hybrid.learning_rate=1e-3"])
+  assert args.hybrid == {"dim": 16, "adversarial": "apr", "learning_rate": 1e-3}
+  for bad, message in (("--config.hybrid.no_such_field=1", "no field"),
+                       ("--config.hybrid.dim", "KEY=VALUE")):
     with pytest.raises(UsageError, match=message):
-      bench_quality.parse_args(["--data", str(tmp_path), "--set", bad])
+      bench_quality.parse_args(["--data", str(tmp_path), bad])

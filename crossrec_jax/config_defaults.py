@@ -43,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
       ("adversarial_weight", float))})
   # CF + deep fusion of stage 1 (implicit domains; weights tuned on valid).
   c.fusion = ml_collections.ConfigDict(dict(
-      components=("item_knn", "ease"), knn_k=100, knn_shrink=20.0, ease_lambda=30.0))
+      components=("item_knn", "ease", "text_knn"), knn_k=100, knn_shrink=20.0, ease_lambda=30.0,
+      text_knn_k=50))
 
   c.model = ml_collections.ConfigDict(dict(
       checkpoint="embedded:all-MiniLM-L6-v2",  # HF dir, hub id (online), embedded:..., generated:tiny

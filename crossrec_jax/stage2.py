@@ -147,7 +147,7 @@ def _served(config, data, text, settings, hybrid_model, tuned_vectors, weights=N
   fitted = FittedHybrid(hybrid_model, data, settings, setup.context, jnp.asarray(table),
                         setup.tables["profile"], setup.profile_rows, [],
                         {"items": setup.tables["tags"], "users": setup.tables["user_tags"]})
-  cf = stage1_run.fit_cf(data, config)
+  cf = stage1_run.fit_cf(data, config, text)
   if weights is None:
     weights = stage1_run.tune_fusion(fitted, cf, data)
   return stage1_run.Stage1Model(fitted, cf, weights)

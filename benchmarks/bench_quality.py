@@ -17,8 +17,9 @@ I-AutoRec, tuned on a held-out slice of train (or the valid split), against our 
 its ablations, and the ensemble (mean of our model and AutoRec). Implicit domains: each target
 ranked among all items of its domain with the user's earlier items of that domain excluded,
 ties counting half: popularity, item-kNN (k and shrinkage tuned per domain on valid), EASE, BPR,
-our model alone and its ablations, the CF fusion without the neural part and the served fusion
-(weights tuned per domain on valid). Every method also gets a cold-item slice: targets whose
+text-kNN (content-based item-kNN on the frozen text vectors), our model alone and its ablations,
+the CF fusion without the neural part, CF + text-kNN without the network, and the served fusion
+of all of them (weights tuned per domain on valid). Every method also gets a cold-item slice: targets whose
 item has at most 2 train interactions. Test is touched once per method.
 """
 
@@ -44,6 +45,10 @@ from crossrec_jax.cached_training import HybridSettings, fit_hybrid
 from crossrec_jax.interactions import InteractionData, Queries
 
 COLD_ITEM_MAX_TRAIN = 2  # a target whose item has at most this many train interactions is "cold"
+TEXT_KNN = "text-kNN (content)"
+CF_FUSION = "CF fusion: item-kNN + EASE (no neural part)"
+TEXT_FUSION = "CF + text fusion: item-kNN + EASE + text-kNN (no network)"
+SERVED = "ours, served: item-kNN + EASE + text-kNN + neural (fused)"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,6 +220,9 @@ def ranking_section(data: InteractionData, text, args, results: Results, names):
     add("EASE", bl.EASE(lam=args.ease_lambda, domains=implicit).fit(data), need_valid=True)
   with _timed("BPR (ID only)"):
     add("BPR (ID only)", bl.BPR(seed=args.seed).fit(data))
+  if text is not None:
+    with _timed("text-kNN (content-based, frozen text vectors)"):
+      add(TEXT_KNN, bl.TextKNN(text, k=args.text_knn_k).fit(data), need_valid=True)
 
   if not args.skip_model:
     base = HybridSettings.defaults_for(data, seed=args.seed, overrides=args.hybrid)
@@ -246,9 +254,10 @@ def ranking_section(data: InteractionData, text, args, results: Results, names):
     neural = "ours, neural alone (text + ID + history)"
 
   if valid is not None:
-    fusions = {"CF fusion: item-kNN + EASE (no neural part)": ["item-kNN", "EASE"]}
+    fusions = {CF_FUSION: ["item-kNN", "EASE"]}
     if not args.skip_model:
-      fusions["ours, served: item-kNN + EASE + neural (fused)"] = ["item-kNN", "EASE", neural]
+      fusions[TEXT_FUSION] = ["item-kNN", "EASE", TEXT_KNN]
+      fusions[SERVED] = ["item-kNN", "EASE", TEXT_KNN, neural]
     for label, parts in fusions.items():
       per = {"ours": label.startswith("ours")}
       for d in implicit:
@@ -278,10 +287,10 @@ def ranking_section(data: InteractionData, text, args, results: Results, names):
     if cold.any():
       results.add(method, "all", _metrics(rank[cold], cand[cold], k), per["ours"], "cold items")
   print_ranking_table(results, [names[d] for d in implicit], test, counts, k)
-  served = "ours, served: item-kNN + EASE + neural (fused)"
+  served = SERVED
   if served in all_ranks:
     print(f"\n  paired differences over all {len(all_ranks[served])} targets (mean +- standard error):")
-    for other in ("item-kNN", "EASE", "CF fusion: item-kNN + EASE (no neural part)"):
+    for other in ("item-kNN", "EASE", CF_FUSION, TEXT_FUSION):
       cells = []
       for name, a, b in zip((f"HR@{k}", f"NDCG@{k}"), metrics.per_target_hits(all_ranks[served], k),
                             metrics.per_target_hits(all_ranks[other], k)):
@@ -289,7 +298,7 @@ def ranking_section(data: InteractionData, text, args, results: Results, names):
         results.paired.append({"method": served, "versus": other, "metric": name.lower(),
                                "difference": mean, "standard_error": se})
         cells.append(f"{name} {mean:+.4f} +- {se:.4f}")
-      print(f"  served - {other:<44} " + ", ".join(cells))
+      print(f"  served - {other:<58} " + ", ".join(cells))
 
 
 def _metrics(rank, cand, k):
@@ -304,7 +313,7 @@ def print_ranking_table(results: Results, domains, test, counts, k):
   print(f"\nimplicit domains (full-catalog ranking, earlier items excluded; test n = " +
         ", ".join(f"{d} {n[d]}" for d in domains) + f"; cold-item targets {n_cold})")
   head = "".join(f" {d[:8] + ' HR@' + str(k):>14} {'NDCG':>7}" for d in domains)
-  print(f"  {'method':<48}{head} {'all HR@' + str(k):>11} {'NDCG':>7}  {'cold HR':>7} {'NDCG':>7}")
+  print(f"  {'method':<58}{head} {'all HR@' + str(k):>11} {'NDCG':>7}  {'cold HR':>7} {'NDCG':>7}")
   for m in methods:
     cells = ""
     for d in domains + ["all"]:
@@ -313,7 +322,7 @@ def print_ranking_table(results: Results, domains, test, counts, k):
     hr, nd = results.value(m, "all", f"hr@{k}", "cold items"), results.value(
         m, "all", f"ndcg@{k}", "cold items")
     cells += f"  {hr if hr is not None else float('nan'):7.4f} {nd if nd is not None else float('nan'):7.4f}"
-    print(f"  {m:<48}{cells}")
+    print(f"  {m:<58}{cells}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,6 +379,7 @@ def _define_flags(fv, argv):
   numbers("mf_regs", (0.1, 0.15, 0.2), float, "Biased MF penalties tried.")
   numbers("knn_k", (20, 50, 100, 200), int, "Item-kNN neighbour counts tried.")
   numbers("knn_shrink", (0.0, 10.0, 20.0, 50.0), float, "Item-kNN shrinkages tried.")
+  flags.DEFINE_integer("text_knn_k", 50, "Neighbours per item of text-kNN.", **d)
   flags.DEFINE_float("ease_lambda", 30.0, "Best of {10, 30, 100, 300} on Amazon Arts x Office "
                      "valid.", **d)
   flags.mark_flags_as_required(["data"], flag_values=fv)

@@ -55,9 +55,9 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
 def _evaluate_stage1(workdir, config, secret, split):
   """A stage-1 run: its served (fused) model on ``split``, next to the same baselines as in
   training."""
-  from crossrec_jax import stage1_run  # pylint: disable=import-outside-toplevel
+  from crossrec_jax import stage1_run, stage2  # pylint: disable=import-outside-toplevel
   from crossrec_jax.cli import UsageError  # pylint: disable=import-outside-toplevel
-  model, data, step = stage1_run.load(workdir, config, secret)
+  model, data, step = stage2.load(workdir, config, secret)  # stage 2's model if it ran
   if not data.mask((split,)).any():
     raise UsageError(f"--split {split!r} has no rows in the data set; it has "
                      f"{sorted(set(data.split.tolist()) - {'history'})}")

@@ -60,11 +60,15 @@ def settings_from_config(config, data: InteractionData) -> HybridSettings:
   return HybridSettings.defaults_for(data, seed=config.seed, overrides=overrides)
 
 
-def fit_cf(data: InteractionData, config) -> dict[str, bl.Recommender]:
+def fit_cf(data: InteractionData, config, text=None) -> dict[str, bl.Recommender]:
+  """The fusion's non-network components; ``text``: the frozen encoder's item vectors, for the
+  content-based text-kNN (the component that ranks items CF has not seen)."""
   implicit = [d for d in range(len(data.domains)) if data.task(d) == "implicit"]
   if not implicit:
     return {}
   cf = {}
+  if "text_knn" in config.fusion.components and text is not None:
+    cf["text_knn"] = bl.TextKNN(text, k=config.fusion.text_knn_k).fit(data)
   if "item_knn" in config.fusion.components:
     cf["item_knn"] = bl.ItemKNN(k=config.fusion.knn_k, shrink=config.fusion.knn_shrink).fit(data)
   if "ease" in config.fusion.components:
@@ -161,7 +165,7 @@ def load(workdir, config, secret=None) -> tuple[Stage1Model, InteractionData, in
   if restored is None:
     raise ckpt_lib.CheckpointIncompatibleError(f"{workdir}: no stage-1 checkpoint to restore")
   step, hybrid, weights = restored
-  return Stage1Model(hybrid, fit_cf(data, config), weights), data, step
+  return Stage1Model(hybrid, fit_cf(data, config, text), weights), data, step
 
 
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
@@ -177,7 +181,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
       print(f"Restored the stage-1 model from {checkpointer.directory}/{step}")
     else:
       hybrid = fit_hybrid(data, settings, text=text, verbose=True)
-    cf = fit_cf(data, config)
+    cf = fit_cf(data, config, text)
     if restored is None:
       weights = tune_fusion(hybrid, cf, data)
       step = settings.epochs

@@ -74,6 +74,9 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     if config.stage == "cached":
       from crossrec_jax import stage1_run  # pylint: disable=import-outside-toplevel
       return stage1_run.train_and_evaluate(config, workdir)
+    if config.stage == "fine_tune":
+      from crossrec_jax import stage2  # pylint: disable=import-outside-toplevel
+      return stage2.train_and_evaluate(config, workdir)
     return _train_end_to_end(config, workdir, progress)
 
 

@@ -39,10 +39,11 @@ def test_whole_run_on_a_bring_your_own_directory(byo_dir, tiny_checkpoint, tmp_p
             "ours (hybrid: text + ID + history)", "ours without text", "ours without implicit term",
             "ours without biases", "ours with APR", "ours, ensemble (hybrid + I-AutoRec, mean)"}
   assert methods("books") == methods("movies") == rating
-  ranking = {"popularity", "item-kNN", "EASE", "BPR (ID only)",
+  ranking = {"popularity", "item-kNN", "EASE", "BPR (ID only)", "text-kNN (content)",
              "ours, neural alone (text + ID + history)", "ours, text only", "ours, ID only",
              "ours, target-domain history only", "CF fusion: item-kNN + EASE (no neural part)",
-             "ours, served: item-kNN + EASE + neural (fused)"}
+             "CF + text fusion: item-kNN + EASE + text-kNN (no network)",
+             "ours, served: item-kNN + EASE + text-kNN + neural (fused)"}
   assert methods("music") == methods("all") == ranking   # one implicit domain: no single-domain row
   for r in rows:
     assert r["metric"] in {"rmse", "mae", "hr@10", "ndcg@10"}
@@ -60,7 +61,8 @@ def test_whole_run_on_a_bring_your_own_directory(byo_dir, tiny_checkpoint, tmp_p
   # table's figures over the same targets, with a standard error.
   paired = json.loads((tmp_path / "rows.json").read_text())["paired"]
   assert {(p["versus"], p["metric"]) for p in paired} == {
-      (v, m) for v in ("item-kNN", "EASE", "CF fusion: item-kNN + EASE (no neural part)")
+      (v, m) for v in ("item-kNN", "EASE", "CF fusion: item-kNN + EASE (no neural part)",
+                       "CF + text fusion: item-kNN + EASE + text-kNN (no network)")
       for m in ("hr@10", "ndcg@10")}
   value = {(r["method"], r["metric"]): r["value"] for r in whole if r["domain"] == "all"}
   for p in paired:
@@ -81,7 +83,8 @@ def test_a_folder_without_text_or_split_columns_runs_unchanged(byo_dir, tiny_che
   assert "split" not in interactions.splitlines()[0]
   (plain / "interactions.csv").write_text(interactions)
   rows = _run(plain, tiny_checkpoint, tmp_path, "--no_ablations")
-  assert {"ours (hybrid: text + ID + history)", "ours, served: item-kNN + EASE + neural (fused)"} <= {
+  assert {"ours (hybrid: text + ID + history)",
+          "ours, served: item-kNN + EASE + text-kNN + neural (fused)"} <= {
       r["method"] for r in rows}
 
 

@@ -108,7 +108,7 @@ def _train_end_to_end(config, workdir, progress_marker) -> dict[str, Any]:
     if rate is not None:  # None: the window held only the compile step
       scalars["train/examples_per_second"] = rate
     writer.write_scalars(step, scalars)
-    progress.set_postfix(loss=f"{means['loss']:.4f}", ex_s=f"{rate or 0:.1f}")
+    progress.set_postfix(loss=f"{means['loss']:.4f}", **({"ex_s": f"{rate:.1f}"} if rate else {}))
 
   start = int(sharding.to_host(state.step))
   best, evals_since_best, last_results = None, 0, {}

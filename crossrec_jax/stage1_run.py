@@ -24,7 +24,7 @@ from flax import nnx
 
 from crossrec_jax import baselines as bl
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax import fusion, metrics, ranking, text_cache
+from crossrec_jax import fusion, metric_writers, metrics, ranking, text_cache
 from crossrec_jax.cached_training import FittedHybrid, HybridSettings, fit_hybrid
 from crossrec_jax.data.from_config import (prepare_data, public_config_dict,
                                           resolve_link_secret, resolve_model_checkpoint,
@@ -191,14 +191,14 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     checkpointer.close()
   model = Stage1Model(hybrid, cf, weights)
   results = {}
-  for split in ("valid", "test"):
-    if not data.mask((split,)).any():
-      continue
-    results = evaluate(model, data, split)
-    if jax.process_index() == 0:
-      with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step, "split": split, "metrics": results}) + "\n")
-      print(f"\n[stage 1] {split} metrics (ours vs baseline):\n{format_table(results)}")
+  with metric_writers.create_default_writer(workdir) as writer:
+    for split in ("valid", "test"):
+      if not data.mask((split,)).any():
+        continue
+      results = evaluate(model, data, split)
+      writer.write_scalars(step, metric_writers.flatten(results, f"{split}/"))
+      if jax.process_index() == 0:
+        print(f"\n[stage 1] {split} metrics (ours vs baseline):\n{format_table(results)}")
   if weights:
     print("fusion weights (tuned on valid): " + ", ".join(
         f"{data.names[d]} {w}" for d, w in weights.items()))

@@ -119,6 +119,23 @@ def evaluate(model: Stage1Model, data: InteractionData, split: str, k: int = 10
   return results
 
 
+def evaluate_and_report(model: Stage1Model, data: InteractionData, step: int, workdir,
+                        label: str) -> dict[str, dict[str, float]]:
+  """valid then test (where the data has them), each written to ``workdir``'s metrics and
+  printed; returns the last one's metrics."""
+  from crossrec_jax.evaluator import format_table  # pylint: disable=import-outside-toplevel
+  results = {}
+  with metric_writers.create_default_writer(workdir) as writer:
+    for split in ("valid", "test"):
+      if not data.mask((split,)).any():
+        continue
+      results = evaluate(model, data, split)
+      writer.write_scalars(step, metric_writers.flatten(results, f"{split}/"))
+      if jax.process_index() == 0:
+        print(f"\n[{label}] {split} metrics (ours vs baseline):\n{format_table(results)}")
+  return results
+
+
 def _inputs(config, workdir: pathlib.Path, secret=None):
   """The data, cached item text vectors, settings and checkpoint description of a run."""
   secret = secret or resolve_link_secret(config)
@@ -169,7 +186,6 @@ def load(workdir, config, secret=None) -> tuple[Stage1Model, InteractionData, in
 
 
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
-  from crossrec_jax.evaluator import format_table  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   data, text, settings, meta = _inputs(config, workdir)
@@ -190,15 +206,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   finally:
     checkpointer.close()
   model = Stage1Model(hybrid, cf, weights)
-  results = {}
-  with metric_writers.create_default_writer(workdir) as writer:
-    for split in ("valid", "test"):
-      if not data.mask((split,)).any():
-        continue
-      results = evaluate(model, data, split)
-      writer.write_scalars(step, metric_writers.flatten(results, f"{split}/"))
-      if jax.process_index() == 0:
-        print(f"\n[stage 1] {split} metrics (ours vs baseline):\n{format_table(results)}")
+  results = evaluate_and_report(model, data, step, workdir, "stage 1")
   if weights:
     print("fusion weights (tuned on valid): " + ", ".join(
         f"{data.names[d]} {w}" for d, w in weights.items()))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 from typing import Any
 
@@ -222,7 +221,6 @@ def _meta(stage1_meta):
 
 
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
-  from crossrec_jax.evaluator import format_table  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   ft = config.fine_tune
@@ -295,13 +293,5 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
           "fusion_weights": {str(d): w for d, w in model.weights.items()}})
   finally:
     checkpointer.close()
-  results = {}
-  for split in ("valid", "test"):
-    if not data.mask((split,)).any():
-      continue
-    results = stage1_run.evaluate(model, data, split)
-    if jax.process_index() == 0:
-      with open(workdir / SUBDIR / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step, "split": split, "metrics": results}) + "\n")
-      print(f"\n[stage 2] {split} metrics (ours vs baseline):\n{format_table(results)}")
+  results = stage1_run.evaluate_and_report(model, data, step, workdir / SUBDIR, "stage 2")
   return {"step": step, "metrics": results, "model": model}

@@ -226,11 +226,11 @@ def _select(entries: Iterable[tuple[str, str, int]], config: ProcessingConfig,
 def _profile_maker(entries: list[tuple[str, str, int]], config: ProcessingConfig):
   """``end -> _select(entries[end-1], ..., entries[0])`` for one user's context (oldest first).
   Where no cap binds (most targets) the profile is all of them, newest first, joined at once."""
-  words, most, top, counts = [0], 0, [0], collections.Counter()
+  words, most, top, counts = [0], 0, [0], {}
   for domain, _, n_words in entries:
     words.append(words[-1] + n_words)
-    counts[domain] += 1
-    most = max(most, counts[domain])
+    counts[domain] = used = counts.get(domain, 0) + 1
+    most = used if used > most else most
     top.append(most)
   lines = [line for _, line, _ in entries]
   n_domains, separator = len(counts), config.separator
@@ -252,6 +252,23 @@ def user_profile(history: Sequence[Interaction], items: dict[tuple[str, str], It
                          for x in reversed(ordered)), config)
 
 
+class _EntryCache(dict):
+  """(domain, item, label) -> (domain, profile line, word count): a line is formatted and its
+  words counted once, however many users and targets it appears for."""
+
+  def __init__(self, items, tasks: dict[str, str], config: ProcessingConfig):
+    super().__init__()
+    self.items, self.tasks, self.config = items, tasks, config
+
+  def __call__(self, x: Interaction) -> tuple[str, str, int]:
+    key = (x.domain, x.item_id, x.label)
+    entry = self.get(key)
+    if entry is None:
+      line = _item_line(x, self.items, self.tasks[x.domain], self.config)
+      entry = self[key] = (x.domain, line, len(line.split()))
+    return entry
+
+
 def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, str], Item],
                    config: ProcessingConfig) -> dict[str, Any]:
   """Returns dict(examples={split: [record]}, items=[record], domains=[spec], counts=...)."""
@@ -271,27 +288,27 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
   train_items = {(x.domain, x.item_id) for x, s in zip(interactions, splits) if s == "train"}
 
   examples = {s: [] for s in TARGET_SPLITS + ("history",)}
+  entry_of = _EntryCache(items, task, config)
+  order_of = lambda x: x.order
   for user, rows in by_user.items():
-    context = sorted((i for i in rows if splits[i] in CONTEXT_SPLITS),
-                     key=lambda i: interactions[i].order)
-    context_order = [interactions[i].order for i in context]
+    context = sorted((interactions[i] for i in rows if splits[i] in CONTEXT_SPLITS), key=order_of)
+    context_order = [x.order for x in context]
     domain_orders, domain_items = collections.defaultdict(list), collections.defaultdict(list)
-    for i in context:
-      domain_orders[interactions[i].domain].append(interactions[i].order)
-      domain_items[interactions[i].domain].append(interactions[i].item_id)
-    lines = [_item_line(interactions[i], items, task[interactions[i].domain], config) for i in context]
-    profile_of = _profile_maker([(interactions[i].domain, line, len(line.split()))
-                                 for i, line in zip(context, lines)], config)
+    for x in context:
+      domain_orders[x.domain].append(x.order)
+      domain_items[x.domain].append(x.item_id)
+    profile_of = _profile_maker(list(map(entry_of, context)), config)
+    user_in_train = user in train_users
     for target in rows:
       split = splits[target]
       x = interactions[target]
+      item = (x.domain, x.item_id)
       if split == "history":  # context only: kept so the data set holds the whole log
         examples[split].append({
             "user_key": user, "domain": x.domain, "domain_index": index[x.domain],
             "item_id": x.item_id, "label": x.label, "order": x.order,
-            "user_tags": list(x.user_tags),
-            "user_in_train": user in train_users,
-            "item_in_train": (x.domain, x.item_id) in train_items})
+            "user_tags": list(x.user_tags), "user_in_train": user_in_train,
+            "item_in_train": item in train_items})
         continue
       if split not in TARGET_SPLITS:
         continue
@@ -300,17 +317,15 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
       in_domain = bisect.bisect_left(domain_orders[x.domain], x.order)
       # Ranking evaluation excludes the user's earlier items of the target domain, newest first.
       history = [] if task[x.domain] != "implicit" else domain_items[x.domain][:in_domain][::-1]
-      record = {
+      examples[split].append({
           "user_key": user, "domain": x.domain, "domain_index": index[x.domain],
-          "item_id": x.item_id, "item_text": items[(x.domain, x.item_id)].text,
+          "item_id": x.item_id, "item_text": items[item].text,
           "label": x.label, "profile": profile_of(end), "order": x.order,
           "cold": in_domain < config.cold_threshold, "history_items": history,
-          "user_in_train": user in train_users,
-          "item_in_train": (x.domain, x.item_id) in train_items,
+          "user_in_train": user_in_train, "item_in_train": item in train_items,
           "raw_user_id": x.user_id if config.store_raw_user_ids else "",
           "user_tags": list(x.user_tags),
-      }
-      examples[split].append(record)
+      })
 
   if not examples["history"]:
     del examples["history"]  # only data with a given `history` split has context-only rows

@@ -76,7 +76,9 @@ def _make_serialize(schema):
     if kind == _STRING:
       columns.append((name, kind, _framing(key, lambda n: b"\x0a" + varint(n))))
     elif kind == _STRINGS:
-      columns.append((name, kind, _framing(key, lambda n: b"")))
+      # Item ids and tags repeat across examples: each value is framed once.
+      columns.append((name, kind, (_framing(key, lambda n: b""),
+                                   _Cache(lambda text: b"\x0a" + _len(text.encode())))))
     elif kind == _FLOAT:  # entry: key, len 8, Feature(float_list(len 6: tag, len 4, 4 bytes))
       columns.append((name, kind, b"\x0a" + varint(len(key) + 9) + key + b"\x08\x12\x06\x0a\x04"))
     else:  # bool and int: the whole entry is a function of the value
@@ -96,8 +98,9 @@ def _make_serialize(schema):
         pieces += (heads, data)
         lengths += np.asarray(sizes) + np.fromiter(map(len, heads), np.int64, len(heads))
       elif kind == _STRINGS:  # BytesList with one field per value
-        data = [b"".join(b"\x0a" + _len(x) for x in map(str.encode, v)) for v in values]
-        heads = how.many(list(map(len, data)))
+        framing, framed = how
+        data = [b"".join(map(framed.__getitem__, v)) if v else b"" for v in values]
+        heads = framing.many(list(map(len, data)))
         pieces += (heads, data)
         lengths += np.fromiter(map(len, data), np.int64, len(data)) + np.fromiter(
             map(len, heads), np.int64, len(heads))

@@ -6,7 +6,8 @@ CSV + column-wise checks), same file, same process, rows/s and the ratio.
 Prepare: read + process + write of the whole tfds data set, with tfds's generic example
 serializer (what every prepare used before) and with ``fast_write``; rows/s and the ratio,
 plus where the time goes. ``--old_src DIR`` also times a whole prepare of an older checkout
-(e.g. ``git archive 477438d | tar -x -C DIR``) in a subprocess. Ratios are of CPU seconds
+(e.g. ``git archive 477438d | tar -x -C DIR``) in a subprocess, and its prepare alone
+(imports excluded) against ``fast_write``'s. Ratios are of CPU seconds
 (user + system, all threads): on a shared machine wall time swings with the other load.
 
   python benchmarks/bench_prepare.py [--rows 300000] [--skip_prepare] [--old_src DIR]

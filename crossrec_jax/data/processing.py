@@ -262,6 +262,8 @@ class _EntryCache(dict):
 
   def __call__(self, x: Interaction) -> tuple[str, str, int]:
     key = (x.domain, x.item_id, x.label)
+    if not x.label:  # 0.0 == -0.0, but a rating line writes '-0'
+      key += (math.copysign(1.0, x.label),)
     entry = self.get(key)
     if entry is None:
       line = _item_line(x, self.items, self.tasks[x.domain], self.config)

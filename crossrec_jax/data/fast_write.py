@@ -68,7 +68,7 @@ def _make_serialize(schema):
 
   Examples are built a batch at a time, column by column: a string's framing depends only on
   its byte length and a scalar's entry only on its value, so both come from caches, and each
-  example is one ``bytes.join`` of its pieces (no per-example Python beyond that)."""
+  example is one ``bytes.join`` of its pieces (no per-example function calls)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   varint = _varint
   columns = []

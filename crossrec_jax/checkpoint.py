@@ -49,8 +49,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
         "params": ocp.StandardCheckpointHandler(), "state": ocp.StandardCheckpointHandler(),
-        "data_iter": ocp.JsonCheckpointHandler(),
-        "meta": ocp.JsonCheckpointHandler()})
+        "data_iter": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state, data_iter_state: bytes | None, meta: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:

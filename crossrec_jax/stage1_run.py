@@ -157,13 +157,13 @@ def _restore(checkpointer, data, text, settings, meta):
     return None
   # The untrained model gives the checkpoint's structure; epochs=0 trains nothing.
   hybrid = fit_hybrid(data, dataclasses.replace(settings, epochs=0), text=text, verbose=False)
-  abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                     nnx.to_pure_dict(nnx.split(hybrid.model)[1]))}
-  restored = checkpointer.restore(abstract, expected_meta=meta)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          nnx.to_pure_dict(nnx.split(hybrid.model)[1]))
+  restored = checkpointer.restore(abstract, expected_meta=meta, params_only=True)
   if restored is None:
     return None
-  step, state, _, saved = restored
-  nnx.update(hybrid.model, state["params"])
+  step, params, _, saved = restored
+  nnx.update(hybrid.model, params)
   hybrid.refresh()
   return step, hybrid, {int(d): w for d, w in saved["fusion_weights"].items()}
 

@@ -297,10 +297,10 @@ def _run(cmd):
 
 def _final_params(workdir):
   with ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints",
-                             item_names=("state", "data_iter", "meta")) as mgr:
+                             item_names=("params", "state", "data_iter", "meta")) as mgr:
     step = mgr.latest_step()
-    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return step, restored["state"]["params"]
+    restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  return step, restored["params"]
 
 
 def _saved_steps(workdir):

@@ -18,7 +18,7 @@ from crossrec_jax import checkpoint as ckpt_lib
 from crossrec_jax import score, steps, train
 from crossrec_jax.models import BertConfig, CrossDomainRecommender, RecommenderConfig
 
-from test_score import _cli, files, trained  # pylint: disable=unused-import (fixtures)
+from test_score import _cli, files, trained  # pylint: disable=unused-import  # fixtures
 from test_train import _final_params, load_config
 
 

@@ -95,8 +95,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tables: TaskTabl
       embeds = model.embed_tokens(batch)
 
       def loss_of_embeds(e):
-        # Same dropout mask for clean and perturbed passes: only the perturbation differs.
-        out = model(batch, embeds=e, deterministic=False, rngs=nnx.Rngs(dropout=dropout_rng))
+        # A fresh stream from the same key on every pass: clean and perturbed passes share
+        # their dropout masks, so only the perturbation differs.
+        model.train(rngs=nnx.Rngs(dropout=dropout_rng))
+        out = model(batch, embeds=e)
         loss, parts = multitask_loss(model, out, batch, tables, loss_config)
         return loss, {"rating": out["rating"], "logit": out["logit"], "parts": parts}
 
@@ -145,7 +147,8 @@ def jit_train_step(step_fn, shardings_: TrainState, mesh):
 
 
 def make_encode_fns(graphdef):
-  """Eval-mode encoders and head, pure functions of (params, inputs)."""
+  """Eval-mode encoders and head (models are built in eval mode, so ``graphdef`` is one),
+  pure functions of (params, inputs)."""
   def encode_users(params, ids, mask, bucket):
     return nnx.merge(graphdef, params).encode_users(ids, mask, bucket)
 

@@ -97,7 +97,7 @@ class CrossDomainRecommender(nnx.Module):
                rngs: nnx.Rngs):
     self.config = config
     dtype = jnp.dtype(config.dtype)
-    if encoder is not None and encoder.embeddings.layer_norm.dtype != dtype:
+    if encoder is not None and jnp.dtype(encoder.embeddings.layer_norm.dtype) != dtype:
       raise ValueError(f"encoder computes in {encoder.embeddings.layer_norm.dtype}, the config "
                        f"asks for {dtype}: build it with dtype={config.dtype!r}")
     self.encoder = encoder if encoder is not None else BertEncoder(config.bert, dtype=dtype, rngs=rngs)

@@ -91,12 +91,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tables: TaskTabl
       # count in neither the clipping norm nor grad_norm.
       params = jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p,
                             params, optim.trainable_labels(params, config))
-      model = nnx.merge(graphdef, params)
-      embeds = model.embed_tokens(batch)
+      embeds = nnx.merge(graphdef, params).embed_tokens(batch)
 
       def loss_of_embeds(e):
-        # Same dropout mask for clean and perturbed passes: only the perturbation differs.
-        out = model(batch, embeds=e, deterministic=False, rngs=nnx.Rngs(dropout=dropout_rng))
+        # A model per pass, since the regularizers call this inside their own jax.grad and nnx
+        # refuses to mutate a module across trace levels; a fresh stream from the same key, so
+        # clean and perturbed passes share their dropout masks and only the perturbation differs.
+        model = nnx.merge(graphdef, params)
+        model.train(rngs=nnx.Rngs(dropout=dropout_rng))
+        out = model(batch, embeds=e)
         loss, parts = multitask_loss(model, out, batch, tables, loss_config)
         return loss, {"rating": out["rating"], "logit": out["logit"], "parts": parts}
 
@@ -145,7 +148,8 @@ def jit_train_step(step_fn, shardings_: TrainState, mesh):
 
 
 def make_encode_fns(graphdef):
-  """Eval-mode encoders and head, pure functions of (params, inputs)."""
+  """Eval-mode encoders and head (models are built in eval mode, so ``graphdef`` is one),
+  pure functions of (params, inputs)."""
   def encode_users(params, ids, mask, bucket):
     return nnx.merge(graphdef, params).encode_users(ids, mask, bucket)
 

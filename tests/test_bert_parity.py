@@ -1,7 +1,9 @@
 """The Flax encoder matches transformers' PyTorch BertModel (max abs diff <= 1e-5)."""
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -64,5 +66,9 @@ def test_checkpoint_without_pooler_loads(tmp_path):
   vocab = testing.tiny_vocab()
   cfg = testing.tiny_bert_config(len(vocab))
   testing.write_checkpoint(tmp_path, cfg, testing.random_bert_tensors(cfg, pooler=False), vocab)
-  hidden, pooled = hf.load_bert(tmp_path)(np.array([[2, 10, 3]]))
+  model = hf.load_bert(tmp_path)
+  hidden, pooled = model(np.array([[2, 10, 3]]))
   assert hidden.shape == (1, 3, cfg.hidden_size) and pooled.shape == (1, cfg.hidden_size)
+  # Filled on the host, nothing initialised on a device (a fresh pooler included).
+  assert all(type(x) is np.ndarray and x.dtype == np.float32
+             for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(model))))

@@ -54,9 +54,13 @@ def test_outputs_shapes_ranges_and_modes(num_experts):
   assert np.all((rating >= low) & (rating <= high))
   again = model(batch)
   np.testing.assert_array_equal(np.asarray(out["rating"]), np.asarray(again["rating"]))
-  train_a = model(batch, deterministic=False, rngs=nnx.Rngs(dropout=1))
-  train_b = model(batch, deterministic=False, rngs=nnx.Rngs(dropout=2))
+  model.train(rngs=nnx.Rngs(dropout=1))
+  train_a = model(batch)
+  model.train(rngs=nnx.Rngs(dropout=2))
+  train_b = model(batch)
   assert not np.allclose(np.asarray(train_a["user"]), np.asarray(train_b["user"]))
+  model.eval()
+  np.testing.assert_array_equal(np.asarray(out["rating"]), np.asarray(model(batch)["rating"]))
 
 
 def test_word_embeddings_input_equals_token_input():
@@ -142,7 +146,7 @@ def test_tied_init_starts_retrieval_at_the_encoders_text_similarity(tied):
   users = rng.integers(5, 120, (12, 10)).astype(np.int32)
   items = rng.integers(5, 120, (12, 6)).astype(np.int32)
   ones = lambda x: np.ones_like(x)
-  text = lambda ids: model._text_vector(model.encoder.embed_tokens(ids), ones(ids), True, None)
+  text = lambda ids: model._text_vector(model.encoder.embed_tokens(ids), ones(ids))
   raw = np.asarray(text(users) @ text(items).T).ravel()
   u = model.head.project_users(model.encode_users(users, ones(users)))[:, 1]
   v = model.head.project_items(model.encode_items(items, ones(items)))[:, 1]

@@ -3,6 +3,10 @@
 Attribute names follow the Hugging Face checkpoint layout so that ``hf.py`` can map
 tensors one to one. Every parameter carries ``logical_axes`` metadata; ``sharding.py``
 turns those names into mesh placements.
+
+Modules are built in eval mode (dropout off). ``model.train(rngs=nnx.Rngs(dropout=key))``
+switches dropout on and hands every ``Dropout`` the same stream, so the masks are drawn in
+call order from ``key``; ``model.eval()`` switches it off again.
 """
 
 from __future__ import annotations
@@ -89,6 +93,12 @@ def _embed(cfg: BertConfig, num: int, axis: str, dtype, rngs) -> nnx.Embed:
                    embedding_metadata={"logical_axes": (axis, EMBED)})
 
 
+def _dropout(rate: float) -> nnx.Dropout:
+  # Eval mode until ``train()``, which also supplies the rngs (none are stored before, so the
+  # model's state is its parameters alone).
+  return nnx.Dropout(rate, deterministic=True)
+
+
 class BertEmbeddings(nnx.Module):
 
   def __init__(self, cfg: BertConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -96,14 +106,14 @@ class BertEmbeddings(nnx.Module):
     self.position_embeddings = _embed(cfg, cfg.max_position_embeddings, POSITIONS, dtype, rngs)
     self.token_type_embeddings = _embed(cfg, cfg.type_vocab_size, TYPES, dtype, rngs)
     self.layer_norm = _layer_norm(cfg, dtype, rngs)
-    self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+    self.dropout = _dropout(cfg.hidden_dropout_prob)
 
-  def __call__(self, inputs_embeds, token_type_ids, *, deterministic, rngs):
+  def __call__(self, inputs_embeds, token_type_ids):
     seq_len = inputs_embeds.shape[1]
     positions = jnp.arange(seq_len)[None, :]
     x = (inputs_embeds + self.position_embeddings(positions)
          + self.token_type_embeddings(token_type_ids))
-    return self.dropout(self.layer_norm(x), deterministic=deterministic, rngs=rngs)
+    return self.dropout(self.layer_norm(x))
 
 
 class BertLayer(nnx.Module):
@@ -123,16 +133,15 @@ class BertLayer(nnx.Module):
     self.output = _dense(cfg, m, h, (MLP, EMBED), dtype, rngs)
     self.output_layer_norm = _layer_norm(cfg, dtype, rngs)
     self.activation = _ACTIVATIONS[cfg.hidden_act]
-    self.attention_dropout_rate = cfg.attention_probs_dropout_prob
-    self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
-    self.attention_dropout = nnx.Dropout(cfg.attention_probs_dropout_prob)
+    self.dropout = _dropout(cfg.hidden_dropout_prob)
+    self.attention_dropout = _dropout(cfg.attention_probs_dropout_prob)
 
-  def _attention(self, x, mask, *, deterministic, rngs):
+  def _attention(self, x, mask):
     b, t, h = x.shape
     split = lambda y: y.reshape(b, t, self.num_heads, h // self.num_heads)
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
     key_mask = mask[:, None, None, :].astype(bool)  # [B, 1, 1(query), T(key)]
-    if deterministic or self.attention_dropout_rate == 0.0:
+    if self.attention_dropout.deterministic or self.attention_dropout.rate == 0.0:
       # Fused kernel (cuDNN flash attention on GPU where shapes allow, XLA elsewhere).
       out = jax.nn.dot_product_attention(q, k, v, mask=key_mask)
     else:
@@ -140,15 +149,15 @@ class BertLayer(nnx.Module):
       logits = jnp.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(h // self.num_heads)
       logits = jnp.where(key_mask, logits, jnp.finfo(logits.dtype).min)
       probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
-      probs = self.attention_dropout(probs, deterministic=False, rngs=rngs)
+      probs = self.attention_dropout(probs)
       out = jnp.einsum("bnqk,bknd->bqnd", probs, v)
     return out.reshape(b, t, h)
 
-  def __call__(self, x, mask, *, deterministic, rngs):
-    attn = self.attention_output(self._attention(x, mask, deterministic=deterministic, rngs=rngs))
-    x = self.attention_layer_norm(x + self.dropout(attn, deterministic=deterministic, rngs=rngs))
+  def __call__(self, x, mask):
+    attn = self.attention_output(self._attention(x, mask))
+    x = self.attention_layer_norm(x + self.dropout(attn))
     y = self.output(self.activation(self.intermediate(x)))
-    return self.output_layer_norm(x + self.dropout(y, deterministic=deterministic, rngs=rngs))
+    return self.output_layer_norm(x + self.dropout(y))
 
 
 class BertPooler(nnx.Module):
@@ -178,7 +187,7 @@ class BertEncoder(nnx.Module):
     return self.embeddings.word_embeddings(input_ids)
 
   def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *,
-               inputs_embeds=None, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+               inputs_embeds=None):
     if inputs_embeds is None:
       if input_ids is None:
         raise ValueError("pass input_ids or inputs_embeds")
@@ -188,7 +197,7 @@ class BertEncoder(nnx.Module):
       attention_mask = jnp.ones(shape, jnp.int32)
     if token_type_ids is None:
       token_type_ids = jnp.zeros(shape, jnp.int32)
-    x = self.embeddings(inputs_embeds, token_type_ids, deterministic=deterministic, rngs=rngs)
+    x = self.embeddings(inputs_embeds, token_type_ids)
     for layer in self.layers:
-      x = layer(x, attention_mask, deterministic=deterministic, rngs=rngs)
+      x = layer(x, attention_mask)
     return x, self.pooler(x)

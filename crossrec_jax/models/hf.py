@@ -11,11 +11,12 @@ import os
 import pathlib
 from typing import Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from crossrec_jax.models.bert import BertConfig, BertEncoder
+from crossrec_jax.models.bert import BertConfig, BertEncoder, BertPooler
 
 DEFAULT_CHECKPOINT = "embedded:all-MiniLM-L6-v2"
 
@@ -129,7 +130,9 @@ def _checkpoint_files(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Pa
 
 def load_bert(name_or_path: str | os.PathLike = DEFAULT_CHECKPOINT, *, dtype=jnp.float32,
               seed: int = 0) -> BertEncoder:
-  """Builds a ``BertEncoder`` holding the checkpoint's weights (float32 master copies)."""
+  """Builds a ``BertEncoder`` computing in ``dtype`` that holds the checkpoint's weights as
+  float32 host (numpy) arrays: the model is built abstractly (``nnx.eval_shape``) and filled,
+  so no random encoder is initialised on device only to be overwritten."""
   directory = resolve_checkpoint(name_or_path)
   config_path, weights_path = _checkpoint_files(directory)
   try:
@@ -143,16 +146,16 @@ def load_bert(name_or_path: str | os.PathLike = DEFAULT_CHECKPOINT, *, dtype=jnp
     raise CheckpointError(
         f"{weights_path}: tensor 'embeddings.word_embeddings.weight' not found; this is not a "
         f"BERT checkpoint (first tensors: {sorted(tensors)[:5]}).")
-  model = BertEncoder(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
-  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: BertEncoder(cfg, dtype=dtype, rngs=nnx.Rngs(seed))))
+  values = nnx.to_pure_dict(state)  # shapes only, until filled below
   for hf_name, path, transpose in param_map(cfg):
-    node = state
+    node = values
     for key in path[:-1]:
       node = node[key]
     expected = node[path[-1]].shape
     if hf_name not in tensors:
       if hf_name.startswith("pooler."):
-        continue  # Checkpoints without a pooler keep its initialisation (pooling="mean" ignores it).
+        continue  # filled below
       raise CheckpointError(f"{weights_path}: tensor {hf_name!r} is missing (expected shape "
                             f"{expected} from {config_path}).")
     value = tensors[hf_name]
@@ -163,9 +166,15 @@ def load_bert(name_or_path: str | os.PathLike = DEFAULT_CHECKPOINT, *, dtype=jnp
           f"{weights_path}: tensor {hf_name!r} has shape {tensors[hf_name].shape}, but "
           f"{config_path} implies {expected[::-1] if transpose else expected}. The weights and "
           "config.json come from different models.")
-    node[path[-1]] = jnp.asarray(value, jnp.float32)
-  nnx.update(model, state)
-  return model
+    node[path[-1]] = np.ascontiguousarray(value, np.float32)
+  if not all(name in tensors for name in ("pooler.dense.weight", "pooler.dense.bias")):
+    # Checkpoints without a pooler get a fresh one (pooling="mean" ignores it): the only part
+    # initialised at random, and small.
+    fresh = nnx.to_pure_dict(nnx.state(BertPooler(cfg, dtype=dtype, rngs=nnx.Rngs(seed)), nnx.Param))
+    values["pooler"] = jax.tree.map(lambda v, f: v if isinstance(v, np.ndarray) else np.asarray(f),
+                                    values["pooler"], fresh)
+  nnx.replace_by_pure_dict(state, values)
+  return nnx.merge(graphdef, state)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_CHECKPOINT):

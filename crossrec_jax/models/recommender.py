@@ -89,15 +89,18 @@ class CrossDomainRecommender(nnx.Module):
   ``batch`` keys: ``user_input_ids``/``user_attention_mask`` (profile text),
   ``item_input_ids``/``item_attention_mask`` (item text), ``domain`` (index into
   ``config.domains``) and optionally ``user_bucket``/``item_bucket`` (hashed ID rows, -1 for
-  IDs unseen in training: those fall back to text alone).
+  IDs unseen in training: those fall back to text alone). Built in eval mode; see ``bert.py``
+  for ``train()``/``eval()``.
   """
 
   def __init__(self, config: RecommenderConfig, *, encoder: BertEncoder | None = None,
                rngs: nnx.Rngs):
     self.config = config
     dtype = jnp.dtype(config.dtype)
+    if encoder is not None and jnp.dtype(encoder.embeddings.layer_norm.dtype) != dtype:
+      raise ValueError(f"encoder computes in {encoder.embeddings.layer_norm.dtype}, the config "
+                       f"asks for {dtype}: build it with dtype={config.dtype!r}")
     self.encoder = encoder if encoder is not None else BertEncoder(config.bert, dtype=dtype, rngs=rngs)
-    self.encoder.set_attributes(dtype=dtype, raise_if_not_found=False)
     hidden = config.bert.hidden_size
     proj = lambda: nnx.Linear(hidden, config.dim, dtype=dtype, rngs=rngs,
                               kernel_metadata={"logical_axes": (EMBED, "fused")},
@@ -124,8 +127,8 @@ class CrossDomainRecommender(nnx.Module):
   def from_pretrained(cls, checkpoint: str = hf.DEFAULT_CHECKPOINT, *,
                       domains: Sequence[DomainSpec], seed: int = 0, **kwargs):
     """BERT weights from a Hugging Face checkpoint; towers, ID tables and head freshly initialised."""
-    encoder = hf.load_bert(checkpoint, seed=seed)
-    config = RecommenderConfig(bert=encoder.config, domains=tuple(domains), **kwargs)
+    config = RecommenderConfig(bert=hf.load_bert_config(checkpoint), domains=tuple(domains), **kwargs)
+    encoder = hf.load_bert(checkpoint, dtype=jnp.dtype(config.dtype), seed=seed)
     return cls(config, encoder=encoder, rngs=nnx.Rngs(seed + 1))
 
   # -- towers -----------------------------------------------------------------------------------
@@ -134,9 +137,8 @@ class CrossDomainRecommender(nnx.Module):
     return {"user": self.encoder.embed_tokens(batch["user_input_ids"]),
             "item": self.encoder.embed_tokens(batch["item_input_ids"])}
 
-  def _text_vector(self, embeds, mask, deterministic, rngs):
-    hidden, pooled = self.encoder(attention_mask=mask, inputs_embeds=embeds,
-                                  deterministic=deterministic, rngs=rngs)
+  def _text_vector(self, embeds, mask):
+    hidden, pooled = self.encoder(attention_mask=mask, inputs_embeds=embeds)
     if self.config.pooling == "mean":
       return _masked_mean(hidden, mask)
     return pooled if self.config.pooling == "pooler" else hidden[:, 0]
@@ -148,30 +150,26 @@ class CrossDomainRecommender(nnx.Module):
     known = (bucket >= 0)[:, None]
     return text_vector + jnp.where(known, table(jnp.maximum(bucket, 0)), 0.0)
 
-  def encode_users(self, input_ids=None, attention_mask=None, bucket=None, *, embeds=None,
-                   deterministic=True, rngs=None):
+  def encode_users(self, input_ids=None, attention_mask=None, bucket=None, *, embeds=None):
     if embeds is None:
       embeds = self.encoder.embed_tokens(input_ids)
-    text = self.user_projection(self._text_vector(embeds, attention_mask, deterministic, rngs))
+    text = self.user_projection(self._text_vector(embeds, attention_mask))
     return self._fuse(text, self.user_ids, bucket).astype(jnp.float32)
 
-  def encode_items(self, input_ids=None, attention_mask=None, bucket=None, *, embeds=None,
-                   deterministic=True, rngs=None):
+  def encode_items(self, input_ids=None, attention_mask=None, bucket=None, *, embeds=None):
     if embeds is None:
       embeds = self.encoder.embed_tokens(input_ids)
-    text = self.item_projection(self._text_vector(embeds, attention_mask, deterministic, rngs))
+    text = self.item_projection(self._text_vector(embeds, attention_mask))
     return self._fuse(text, self.item_ids, bucket).astype(jnp.float32)
 
   # -- scoring ----------------------------------------------------------------------------------
-  def __call__(self, batch, *, embeds=None, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+  def __call__(self, batch, *, embeds=None):
     if embeds is None:
       embeds = self.embed_tokens(batch)
     user = self.encode_users(attention_mask=batch["user_attention_mask"],
-                             bucket=batch.get("user_bucket"), embeds=embeds["user"],
-                             deterministic=deterministic, rngs=rngs)
+                             bucket=batch.get("user_bucket"), embeds=embeds["user"])
     item = self.encode_items(attention_mask=batch["item_attention_mask"],
-                             bucket=batch.get("item_bucket"), embeds=embeds["item"],
-                             deterministic=deterministic, rngs=rngs)
+                             bucket=batch.get("item_bucket"), embeds=embeds["item"])
     return self.head(user, item, batch["domain"]) | {"user": user, "item": item}
 
   def score_matrix(self, users, items, domain: int):

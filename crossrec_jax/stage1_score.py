@@ -3,10 +3,10 @@
 ``stage1_run.load`` restores the network from the checkpoint and refits the CF parts on the same
 prepared data set (they are deterministic functions of its train split); the fusion weights are
 the ones tuned on valid. Users come as histories (the interactions layout): each is linked as in
-training (secret + mapping, through ``processing.linked_histories``); a user known to training keeps its ID
-rows, any other one is a cold user represented by its history, as at evaluation. Candidates are
-the items of the items file, which must belong to the trained catalog (a stage-1 model has item
-factors and CF similarities only for the items it was trained on).
+training (secret + mapping, through ``processing.linked_histories``); a user known to training
+keeps its ID rows, any other one is a cold user represented by its history, as at evaluation.
+Candidates are the items of the items file, which must belong to the trained catalog (a stage-1
+model has item factors and CF similarities only for the items it was trained on).
 """
 
 from __future__ import annotations

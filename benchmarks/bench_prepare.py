@@ -6,7 +6,8 @@ CSV + column-wise checks), same file, same process, rows/s and the ratio.
 Prepare: read + process + write of the whole tfds data set, with tfds's generic example
 serializer (what every prepare used before) and with ``fast_write``; rows/s and the ratio,
 plus where the time goes. ``--old_src DIR`` also times a whole prepare of an older checkout
-(e.g. ``git archive 477438d | tar -x -C DIR``) in a subprocess. Ratios are of CPU seconds
+(e.g. ``git archive 477438d | tar -x -C DIR``) in a subprocess, and its prepare alone
+(imports excluded) against ``fast_write``'s. Ratios are of CPU seconds
 (user + system, all threads): on a shared machine wall time swings with the other load.
 
   python benchmarks/bench_prepare.py [--rows 300000] [--skip_prepare] [--old_src DIR]
@@ -14,7 +15,6 @@ plus where the time goes. ``--old_src DIR`` also times a whole prepare of an old
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 
+from crossrec_jax import cli
 from crossrec_jax.data import builder, fast_write, records
 from crossrec_jax.data.processing import ProcessingConfig
 
@@ -140,36 +141,47 @@ def bench_prepare(root: pathlib.Path, rows: int, data_dir: pathlib.Path):
   return totals
 
 
-def bench_old_checkout(root: pathlib.Path, rows: int, old_src: str, data_dir: pathlib.Path):
-  code = ("import time; from crossrec_jax.data import builder; "
-          f"builder.prepare('byo', {str(root)!r}, data_dir={str(data_dir / 'old_checkout')!r})")
+def bench_old_checkout(root: pathlib.Path, rows: int, old_src: str, data_dir: pathlib.Path,
+                       ours: _Clock | None = None):
+  # The child also times prepare alone (CPU of all its threads), without its imports.
+  code = ("import time; from crossrec_jax.data import builder; t = time.process_time(); "
+          f"builder.prepare('byo', {str(root)!r}, data_dir={str(data_dir / 'old_checkout')!r}); "
+          "print('prepare cpu', time.process_time() - t)")
   env = dict(os.environ, PYTHONPATH=old_src)
   with _Clock() as clock:
-    subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                   check=True, cwd=old_src)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=old_src).stdout
+  prepare_cpu = float(out.rsplit("prepare cpu", 1)[1].split()[0])
   print(f"prepare  old checkout     {clock.cpu:7.1f} cpu s {rows / clock.cpu:9,.0f} rows/cpu s "
-        f"(wall {clock.wall:.1f} s; {old_src}; includes its interpreter start and imports)",
-        flush=True)
+        f"(wall {clock.wall:.1f} s; {old_src}; includes its interpreter start and imports; "
+        f"prepare alone {prepare_cpu:.1f} cpu s)", flush=True)
+  if ours is not None:
+    print(f"prepare  old checkout / fast_write: {prepare_cpu / ours.cpu:.1f}x (CPU seconds of "
+          "prepare alone, imports excluded on both sides)", flush=True)
   return clock
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rows", type=int, default=300_000)
-  parser.add_argument("--repeats", type=int, default=2)
-  parser.add_argument("--skip_prepare", action="store_true", help="time the readers only")
-  parser.add_argument("--old_src", default="", help="an older checkout to time a whole prepare of")
-  args = parser.parse_args()
+def _define_flags(fv, argv):
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  d = dict(flag_values=fv)
+  flags.DEFINE_integer("rows", 300_000, "Interaction rows generated.", **d)
+  flags.DEFINE_integer("repeats", 2, "Timings of each reader (the best is kept).", **d)
+  flags.DEFINE_bool("skip_prepare", False, "Time the readers only.", **d)
+  flags.DEFINE_string("old_src", "", "An older checkout to time a whole prepare of.", **d)
+
+
+def main(args):
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp) / "byo"
     generate(root, args.rows)
     print(f"{args.rows:,} interaction rows, {(root / 'interactions.csv').stat().st_size / 1e6:.1f} MB")
     bench_reader(root, args.repeats)
-    if not args.skip_prepare:
-      bench_prepare(root, args.rows, pathlib.Path(tmp) / "tfds")
+    totals = {} if args.skip_prepare else bench_prepare(root, args.rows, pathlib.Path(tmp) / "tfds")
     if args.old_src:
-      bench_old_checkout(root, args.rows, args.old_src, pathlib.Path(tmp) / "tfds")
+      bench_old_checkout(root, args.rows, args.old_src, pathlib.Path(tmp) / "tfds",
+                         totals.get("fast_write"))
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run_absl(sys.argv, _define_flags, main))  # exit codes: crossrec_jax/cli.py

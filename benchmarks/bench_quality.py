@@ -4,6 +4,7 @@ split, same run.
 python benchmarks/bench_quality.py --data ../shared/data/ml-100k             # explicit: RMSE / MAE
 python benchmarks/bench_quality.py --data ../shared/data/amazon-arts-office  # implicit: HR / NDCG
 python benchmarks/bench_quality.py --data DIR --json results.json           # every row as JSON
+python benchmarks/bench_quality.py --data DIR --config.hybrid.dim=128     # our model, changed
 
 Any directory in the bring-your-own layout (interactions + items tables) or with MovieLens native
 files works unchanged. Everything runs through the library: the prepared data set
@@ -16,22 +17,24 @@ I-AutoRec, tuned on a held-out slice of train (or the valid split), against our 
 its ablations, and the ensemble (mean of our model and AutoRec). Implicit domains: each target
 ranked among all items of its domain with the user's earlier items of that domain excluded,
 ties counting half: popularity, item-kNN (k and shrinkage tuned per domain on valid), EASE, BPR,
-our model alone and its ablations, the CF fusion without the neural part and the served fusion
-(weights tuned per domain on valid). Every method also gets a cold-item slice: targets whose
+text-kNN (content-based item-kNN on the frozen text vectors), our model alone and its ablations,
+the CF fusion without the neural part, CF + text-kNN without the network, and the served fusion
+of all of them (weights tuned per domain on valid). Every method also gets a cold-item slice: targets whose
 item has at most 2 train interactions. Test is touched once per method.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import pathlib
 import platform
 import sys
 import time
+import types
 
 import jax
+import ml_collections
 import numpy as np
 import scipy.sparse as sp
 
@@ -42,6 +45,10 @@ from crossrec_jax.cached_training import HybridSettings, fit_hybrid
 from crossrec_jax.interactions import InteractionData, Queries
 
 COLD_ITEM_MAX_TRAIN = 2  # a target whose item has at most this many train interactions is "cold"
+TEXT_KNN = "text-kNN (content)"
+CF_FUSION = "CF fusion: item-kNN + EASE (no neural part)"
+TEXT_FUSION = "CF + text fusion: item-kNN + EASE + text-kNN (no network)"
+SERVED = "ours, served: item-kNN + EASE + text-kNN + neural (fused)"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,6 +219,9 @@ def ranking_section(data: InteractionData, text, args, results: Results, names, 
     add("EASE", bl.EASE(lam=args.ease_lambda, domains=implicit).fit(data), need_valid=True)
   with _timed("BPR (ID only)"):
     add("BPR (ID only)", bl.BPR(seed=args.seed).fit(data))
+  if text is not None:
+    with _timed("text-kNN (content-based, frozen text vectors)"):
+      add(TEXT_KNN, bl.TextKNN(text, k=args.text_knn_k).fit(data), need_valid=True)
 
   if not args.skip_model:
     variants = {"ours, neural alone (text + ID + history)": (base, None)}
@@ -242,9 +252,10 @@ def ranking_section(data: InteractionData, text, args, results: Results, names, 
     neural = "ours, neural alone (text + ID + history)"
 
   if valid is not None:
-    fusions = {"CF fusion: item-kNN + EASE (no neural part)": ["item-kNN", "EASE"]}
+    fusions = {CF_FUSION: ["item-kNN", "EASE"]}
     if not args.skip_model:
-      fusions["ours, served: item-kNN + EASE + neural (fused)"] = ["item-kNN", "EASE", neural]
+      fusions[TEXT_FUSION] = ["item-kNN", "EASE", TEXT_KNN]
+      fusions[SERVED] = ["item-kNN", "EASE", TEXT_KNN, neural]
     for label, parts in fusions.items():
       per = {"ours": label.startswith("ours")}
       for d in implicit:
@@ -274,10 +285,10 @@ def ranking_section(data: InteractionData, text, args, results: Results, names, 
     if cold.any():
       results.add(method, "all", _metrics(rank[cold], cand[cold], k), per["ours"], "cold items")
   print_ranking_table(results, [names[d] for d in implicit], test, counts, k)
-  served = "ours, served: item-kNN + EASE + neural (fused)"
+  served = SERVED
   if served in all_ranks:
     print(f"\n  paired differences over all {len(all_ranks[served])} targets (mean +- standard error):")
-    for other in ("item-kNN", "EASE", "CF fusion: item-kNN + EASE (no neural part)"):
+    for other in ("item-kNN", "EASE", CF_FUSION, TEXT_FUSION):
       cells = []
       for name, a, b in zip((f"HR@{k}", f"NDCG@{k}"), metrics.per_target_hits(all_ranks[served], k),
                             metrics.per_target_hits(all_ranks[other], k)):
@@ -285,7 +296,7 @@ def ranking_section(data: InteractionData, text, args, results: Results, names, 
         results.paired.append({"method": served, "versus": other, "metric": name.lower(),
                                "difference": mean, "standard_error": se})
         cells.append(f"{name} {mean:+.4f} +- {se:.4f}")
-      print(f"  served - {other:<44} " + ", ".join(cells))
+      print(f"  served - {other:<58} " + ", ".join(cells))
 
 
 def _metrics(rank, cand, k):
@@ -300,7 +311,7 @@ def print_ranking_table(results: Results, domains, test, counts, k):
   print(f"\nimplicit domains (full-catalog ranking, earlier items excluded; test n = " +
         ", ".join(f"{d} {n[d]}" for d in domains) + f"; cold-item targets {n_cold})")
   head = "".join(f" {d[:8] + ' HR@' + str(k):>14} {'NDCG':>7}" for d in domains)
-  print(f"  {'method':<48}{head} {'all HR@' + str(k):>11} {'NDCG':>7}  {'cold HR':>7} {'NDCG':>7}")
+  print(f"  {'method':<58}{head} {'all HR@' + str(k):>11} {'NDCG':>7}  {'cold HR':>7} {'NDCG':>7}")
   for m in methods:
     cells = ""
     for d in domains + ["all"]:
@@ -309,7 +320,7 @@ def print_ranking_table(results: Results, domains, test, counts, k):
     hr, nd = results.value(m, "all", f"hr@{k}", "cold items"), results.value(
         m, "all", f"ndcg@{k}", "cold items")
     cells += f"  {hr if hr is not None else float('nan'):7.4f} {nd if nd is not None else float('nan'):7.4f}"
-    print(f"  {m:<48}{cells}")
+    print(f"  {m:<58}{cells}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,7 +331,7 @@ def data_config(args, data_path: pathlib.Path, source: str):
   c.data.source = source
   c.data.path = str(data_path)
   c.data.data_dir = args.data_dir
-  c.hybrid.update(args.set)  # our model's settings: HybridSettings.from_config, as in training
+  c.hybrid.update(args.hybrid)  # our model's settings: HybridSettings.from_config, as in training
   if source == "movielens":
     c.data.split = "ratio"
     c.data.ratio = tuple(args.ratio)
@@ -333,58 +344,60 @@ def detect_source(path: pathlib.Path) -> str:
   return "byo"
 
 
-def parse_overrides(assignments) -> dict:
-  """``--set dim=128`` (fields of cached_training.HybridSettings; values as Python literals)."""
-  fields = {f.name: f for f in dataclasses.fields(HybridSettings)}
-  out = {}
-  for a in assignments:
-    key, sep, text = a.partition("=")
-    key = key.strip().removeprefix("hybrid.")
-    if not sep:
-      raise cli.UsageError(f"--set {a}: expected KEY=VALUE")
-    if key not in fields:
-      raise cli.UsageError(f"--set {a}: no field {key!r} in HybridSettings (see crossrec_jax/cached_training.py)")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    out[key] = value
-  return out
+def model_config() -> ml_collections.ConfigDict:
+  """``--config.hybrid.FIELD=VALUE``: any field of our model's ``HybridSettings``; those left
+  None keep the measured defaults for the data's kind."""
+  types_ = {"int": int, "float": float, "bool": bool, "str": str}
+  return ml_collections.ConfigDict({"hybrid": {
+      f.name: ml_collections.config_dict.placeholder(types_.get(f.type, str))  # str | bool: str
+      for f in dataclasses.fields(HybridSettings)}})
 
 
-def parse_args(argv):
-  p = cli.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--data", required=True, help="MovieLens or bring-your-own data directory")
-  p.add_argument("--data_dir", default="", help="where the prepared tfds data set is cached")
-  p.add_argument("--json", default="", help="write every table row to this file")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--ratio", type=float, nargs=3, default=(0.8, 0.0, 0.2),
-                 help="train/valid/test split of MovieLens (random, seeded)")
-  p.add_argument("--k", type=int, default=10)
-  p.add_argument("--model", default="embedded:all-MiniLM-L6-v2", help="frozen text encoder")
-  p.add_argument("--item_max_length", type=int, default=32)
-  p.add_argument("--text_cache", default="", help=f"default {text_cache.DEFAULT_CACHE_DIR}")
-  p.add_argument("--skip_model", action="store_true", help="classical models only")
-  p.add_argument("--no_ablations", action="store_true", help="our full model only")
-  p.add_argument("--verbose", action="store_true", help="print training progress")
-  p.add_argument("--adversarial_ablation", action="store_true",
-                 help="also the APR on/off row for implicit domains (explicit ones always get it)")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="a field of our model's HybridSettings, e.g. --set dim=128 (repeatable)")
-  p.add_argument("--bias_regs", type=float, nargs="+", default=(2.0, 5.0, 10.0))
-  p.add_argument("--mf_ranks", type=int, nargs="+", default=(20, 50))
-  p.add_argument("--mf_regs", type=float, nargs="+", default=(0.1, 0.15, 0.2))
-  p.add_argument("--knn_k", type=int, nargs="+", default=(20, 50, 100, 200))
-  p.add_argument("--knn_shrink", type=float, nargs="+", default=(0.0, 10.0, 20.0, 50.0))
-  p.add_argument("--ease_lambda", type=float, default=30.0,
-                 help="best of {10, 30, 100, 300} on Amazon Arts x Office valid")
-  args = p.parse_args(argv)
-  args.set = parse_overrides(args.set)
-  return args
+def _define_flags(fv, argv):
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  d = dict(flag_values=fv)
+  numbers = lambda name, default, kind, text: cli.define_number_list(name, default, kind, text, fv)  # noqa: E731
+  flags.DEFINE_string("data", None, "MovieLens or bring-your-own data directory.", **d)
+  flags.DEFINE_string("data_dir", "", "Where the prepared tfds data set is cached.", **d)
+  flags.DEFINE_string("json", "", "Write every table row to this file.", **d)
+  flags.DEFINE_integer("seed", 0, "Seed of the split and of every model.", **d)
+  numbers("ratio", (0.8, 0.0, 0.2), float, "train,valid,test split of MovieLens (random, seeded)")
+  flags.DEFINE_integer("k", 10, "Cutoff of HR@k / NDCG@k.", **d)
+  flags.DEFINE_string("model", "embedded:all-MiniLM-L6-v2", "Frozen text encoder.", **d)
+  flags.DEFINE_integer("item_max_length", 32, "Tokens per item text.", **d)
+  flags.DEFINE_string("text_cache", "", f"Default {text_cache.DEFAULT_CACHE_DIR}.", **d)
+  flags.DEFINE_bool("skip_model", False, "Classical models only.", **d)
+  flags.DEFINE_bool("no_ablations", False, "Our full model only.", **d)
+  flags.DEFINE_bool("adversarial_ablation", False, "Also the APR on/off row for implicit domains "
+                    "(explicit ones always get it).", **d)
+  config_flags.DEFINE_config_dict("config", model_config(), "Our model: --config.hybrid.dim=128 "
+                                  "sets a field of HybridSettings.", sys_argv=argv, **d)
+  numbers("bias_regs", (2.0, 5.0, 10.0), float, "User+item bias penalties tried.")
+  numbers("mf_ranks", (20, 50), int, "Biased MF ranks tried.")
+  numbers("mf_regs", (0.1, 0.15, 0.2), float, "Biased MF penalties tried.")
+  numbers("knn_k", (20, 50, 100, 200), int, "Item-kNN neighbour counts tried.")
+  numbers("knn_shrink", (0.0, 10.0, 20.0, 50.0), float, "Item-kNN shrinkages tried.")
+  flags.DEFINE_integer("text_knn_k", 50, "Neighbours per item of text-kNN.", **d)
+  flags.DEFINE_float("ease_lambda", 30.0, "Best of {10, 30, 100, 300} on Amazon Arts x Office "
+                     "valid.", **d)
+  flags.mark_flags_as_required(["data"], flag_values=fv)
+
+
+def parse_args(argv) -> types.SimpleNamespace:
+  """The flags of ``argv`` (without the program name); ``hybrid``: the HybridSettings fields
+  set with ``--config.hybrid.FIELD=VALUE``."""
+  fv = cli.parse_flags(["bench_quality.py", *argv], _define_flags,
+                       config_doc="HybridSettings in crossrec_jax/cached_features.py")
+  hybrid = {k: v for k, v in fv.config.hybrid.items() if v is not None}
+  if isinstance(hybrid.get("use_user_ids"), str) and hybrid["use_user_ids"].lower() in ("true",
+                                                                                        "false"):
+    hybrid["use_user_ids"] = hybrid["use_user_ids"].lower() == "true"
+  return types.SimpleNamespace(**fv.flag_values_dict(), hybrid=hybrid)
 
 
 def main(argv=None):
-  args = parse_args(argv)
+  args = parse_args(sys.argv[1:] if argv is None else argv)
   data_path = pathlib.Path(args.data).expanduser().resolve()
   if not data_path.is_dir():
     raise cli.UsageError(f"--data {args.data}: not a directory (give a MovieLens or bring-your-own data folder)")

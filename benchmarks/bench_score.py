@@ -12,7 +12,6 @@ python benchmarks/bench_score.py --checkpoint runs/demo   # a trained workdir
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -101,22 +100,25 @@ def cross_encoder_pairs_per_second(scorer: Scorer, users, items, n_pairs, batch_
   return done / (time.perf_counter() - t)
 
 
-def main():
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", default="", help="training workdir (default: random weights)")
-  parser.add_argument("--bert", default="minilm", choices=sorted(BERTS))
-  parser.add_argument("--vocab_dir", default="", help="tokenizer dir (default: the embedded MiniLM's)")
-  parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--users", type=int, default=512)
-  parser.add_argument("--items", type=int, default=1024)
-  parser.add_argument("--pairs", type=int, default=50_000, help="pairs to score (bulk path)")
-  parser.add_argument("--baseline_pairs", type=int, default=256, help="pairs timed for the baseline")
-  parser.add_argument("--user_len", type=int, default=64)
-  parser.add_argument("--item_len", type=int, default=24)
-  parser.add_argument("--batch_size", type=int, default=64)
-  parser.add_argument("--top_k", type=int, default=10)
-  args = parser.parse_args()
+def _define_flags(fv, argv):
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("checkpoint", "", "Training workdir (default: random weights).", **d)
+  flags.DEFINE_enum("bert", "minilm", sorted(BERTS), "Encoder shape.", **d)
+  flags.DEFINE_string("vocab_dir", "", "Tokenizer dir (default: the embedded MiniLM's).", **d)
+  flags.DEFINE_string("dtype", "float32", "Compute dtype.", **d)
+  flags.DEFINE_integer("users", 512, "Distinct users.", **d)
+  flags.DEFINE_integer("items", 1024, "Distinct items.", **d)
+  flags.DEFINE_integer("pairs", 50_000, "Pairs to score (bulk path).", **d)
+  flags.DEFINE_integer("baseline_pairs", 256, "Pairs timed for the baseline.", **d)
+  flags.DEFINE_integer("user_len", 64, "User text length.", **d)
+  flags.DEFINE_integer("item_len", 24, "Item text length.", **d)
+  flags.DEFINE_integer("batch_size", 64, "Encoder batch size.", **d)
+  flags.DEFINE_integer("top_k", 10, "Top-K per user.", **d)
 
+
+def main(args):
   devices = jax.devices()
   scorer = _scorer(args, devices)
   users, items = _texts(args.users, args.items)
@@ -155,4 +157,4 @@ def main():
 
 
 if __name__ == "__main__":
-  sys.exit(cli.main_of(main))  # a user mistake: one line, exit code 2 (crossrec_jax/cli.py)
+  sys.exit(cli.run_absl(sys.argv, _define_flags, main))  # exit codes: crossrec_jax/cli.py

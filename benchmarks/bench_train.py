@@ -13,7 +13,6 @@ adversarial passes lower it by design.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -137,18 +136,21 @@ def torch_examples_per_second(args, seq):
   return args.batch * args.steps / (time.perf_counter() - t), device
 
 
-def main():
-  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--bert", default="minilm", choices=sorted(BERTS))
-  parser.add_argument("--seq", type=int, nargs="+", default=[64, 128], help="user profile lengths")
-  parser.add_argument("--item_len", type=int, default=32)
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--methods", nargs="+", default=["none", "fgm", "pgd", "smart"])
-  parser.add_argument("--no_torch", action="store_true")
-  args = parser.parse_args()
+def _define_flags(fv, argv):
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  d = dict(flag_values=fv)
+  flags.DEFINE_enum("bert", "minilm", sorted(BERTS), "Encoder shape.", **d)
+  cli.define_number_list("seq", (64, 128), int, "User profile lengths, e.g. --seq=64,128.", fv)
+  flags.DEFINE_integer("item_len", 32, "Item text length.", **d)
+  flags.DEFINE_integer("batch", 16, "Global batch size.", **d)
+  flags.DEFINE_integer("steps", 5, "Timed steps (after one compiling step).", **d)
+  flags.DEFINE_string("dtype", "float32", "Compute dtype.", **d)
+  flags.DEFINE_list("methods", ["none", "fgm", "pgd", "smart"], "Adversarial methods timed.", **d)
+  flags.DEFINE_bool("no_torch", False, "Skip the PyTorch baseline.", **d)
 
+
+def main(args):
   device = jax.devices()[0]
   peak = peak_flops(device)
   rows = []
@@ -174,4 +176,4 @@ def main():
 
 
 if __name__ == "__main__":
-  sys.exit(cli.main_of(main))  # a user mistake: one line, exit code 2 (crossrec_jax/cli.py)
+  sys.exit(cli.run_absl(sys.argv, _define_flags, main))  # exit codes: crossrec_jax/cli.py

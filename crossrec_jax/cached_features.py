@@ -182,14 +182,28 @@ def _history_length(s: HybridSettings, context: str) -> int:
   return s.history_length_all if context == "all" else s.history_length
 
 
+def standardizer(vectors: np.ndarray, pca_dim: int = 0) -> dict[str, np.ndarray]:
+  """The affine map of ``standardize``: {"mean", "projection" ([T, P], identity without PCA),
+  "scale"}. Stage 2 applies it to re-encoded vectors, so they land where the cached ones were."""
+  mean = vectors.mean(0)
+  v = vectors - mean
+  projection = np.eye(v.shape[1], dtype=v.dtype)
+  if 0 < pca_dim < v.shape[1]:
+    _, _, vt = np.linalg.svd(v[:: max(1, len(v) // 20000)], full_matrices=False)
+    projection = vt[:pca_dim].T
+    v = v @ projection
+  return {"mean": mean, "projection": projection,
+          "scale": np.asarray(np.linalg.norm(v, axis=1).mean() + 1e-12)}
+
+
 def standardize(vectors: np.ndarray, pca_dim: int = 0) -> np.ndarray:
   """Centred over the catalog and scaled to unit mean norm (one scale for all dimensions, so
   the text geometry is kept and L2 penalties on projections mean the same for any encoder),
   with a zero padding row appended. ``pca_dim`` > 0 keeps that many principal components
   (cheaper projections on large catalogs)."""
-  v = vectors - vectors.mean(0)
-  if 0 < pca_dim < v.shape[1]:
-    _, _, vt = np.linalg.svd(v[:: max(1, len(v) // 20000)], full_matrices=False)
-    v = v @ vt[:pca_dim].T
-  v = v / (np.linalg.norm(v, axis=1).mean() + 1e-12)
+  m = standardizer(vectors, pca_dim)
+  v = vectors - m["mean"]
+  if m["projection"].shape[1] < v.shape[1]:
+    v = v @ m["projection"]
+  v = v / m["scale"]
   return np.vstack([v, np.zeros((1, v.shape[1]))]).astype(np.float32)

@@ -15,8 +15,10 @@ user (random splits, where order says nothing about what was known; this is SVD+
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -141,25 +143,28 @@ def _loss_fn(graphdef, tables, settings: HybridSettings, task: str, lo: int, hi:
                             jnp.sum(m.history_mlp_out.kernel.value ** 2))
     return total / num_train
 
-  def loss(params, batch, user_delta=None, item_delta=None):
+  def loss(params, batch, user_delta=None, item_delta=None, text=None):
+    """``text``: the item text table to use instead of the cached one (stage 2 passes one
+    with the batch's items re-encoded by the encoder being fine-tuned)."""
     m = nnx.merge(graphdef, params)
-    users = m.example_user_vectors(batch, tables["text"], tables["domain_of_item"],
+    text = tables["text"] if text is None else text
+    users = m.example_user_vectors(batch, text, tables["domain_of_item"],
                                    tables["profile"], user_delta, tables["user_tags"])
     w = batch["weight"]
     if task == "rating":
-      items, item_bias = m.item_vectors(tables["text"], batch["item"], item_delta, tables["tags"])
+      items, item_bias = m.item_vectors(text, batch["item"], item_delta, tables["tags"])
       pred = m.user_bias_of(batch["user"], batch["domain"]) + item_bias + jnp.sum(users * items, -1)
       data_loss = jnp.sum(w * (pred - batch["label"]) ** 2) / jnp.maximum(w.sum(), 1.0)
     elif settings.num_negatives <= 0:  # full-catalog softmax
-      items, item_bias = m.item_vectors(tables["text"], jnp.arange(lo, hi), item_delta,
+      items, item_bias = m.item_vectors(text, jnp.arange(lo, hi), item_delta,
                                         tables["tags"])
       logits = users @ items.T + item_bias
       nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["item"] - lo)
       data_loss = jnp.sum(w * nll) / jnp.maximum(w.sum(), 1.0)
     else:  # sampled softmax: shared negatives, logQ-corrected, accidental hits masked
       neg = batch["negatives"]
-      pos_vec, pos_bias = m.item_vectors(tables["text"], batch["item"], None, tables["tags"])
-      neg_vec, neg_bias = m.item_vectors(tables["text"], neg, item_delta, tables["tags"])
+      pos_vec, pos_bias = m.item_vectors(text, batch["item"], None, tables["tags"])
+      neg_vec, neg_bias = m.item_vectors(text, neg, item_delta, tables["tags"])
       logq = tables["log_q"]
       pos_logit = jnp.sum(users * pos_vec, -1) + pos_bias - logq[batch["item"]]
       neg_logit = users @ neg_vec.T + neg_bias - logq[neg]
@@ -172,11 +177,27 @@ def _loss_fn(graphdef, tables, settings: HybridSettings, task: str, lo: int, hi:
   return loss
 
 
-def fit_hybrid(data: InteractionData, settings: HybridSettings = HybridSettings(), *,
-               text: np.ndarray | None = None, profile: np.ndarray | None = None,
-               profile_rows: np.ndarray | None = None, verbose: bool = True) -> FittedHybrid:
-  """Trains on the train split. ``text``: [num_items, T] frozen-encoder item vectors;
-  ``profile``: [P, T] profile vectors with ``profile_rows[u]`` the row of user u."""
+@dataclasses.dataclass
+class TrainingSetup:
+  """What a fit needs besides the parameters: the fresh model, the input tables, the train
+  rows per domain with their histories, batch shapes and the negatives' distribution. Stage 2
+  (``fine_tune``) trains on the same batches."""
+  model: HybridRecommender
+  context: str
+  tables: dict[str, Any]
+  profile_rows: np.ndarray
+  examples: dict[int, np.ndarray]
+  position: dict[int, np.ndarray]
+  histories: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # hist, example, domain, user
+  batch_size: dict[int, int]
+  width: dict[int, int]
+  steps_per_epoch: dict[int, int]
+  q_item: np.ndarray
+  num_train: float
+
+
+def training_setup(data: InteractionData, settings: HybridSettings, text=None, profile=None,
+                   profile_rows=None) -> TrainingSetup:
   s = settings
   context = resolve_context(s, data)
   text_dim = 0 if text is None else (min(s.text_pca_dim, text.shape[1]) if s.text_pca_dim
@@ -216,7 +237,6 @@ def fit_hybrid(data: InteractionData, settings: HybridSettings = HybridSettings(
   for d, rows in examples.items():
     position[d] = np.arange(offset, offset + len(rows))
     offset += len(rows)
-  num_train = float(len(all_rows))
   counts = np.bincount(data.user[all_rows], minlength=data.num_users + 1).astype(np.float32)
   item_counts = np.bincount(data.item[all_rows], minlength=data.num_items + 1).astype(np.float32)
   # Sampling distribution of negatives, per domain (probabilities sum to 1 within a domain).
@@ -235,51 +255,70 @@ def fit_hybrid(data: InteractionData, settings: HybridSettings = HybridSettings(
             "log_q": jnp.asarray(np.log(q_item + 1e-12).astype(np.float32)),
             "user_count_w": jnp.asarray(np.sqrt(counts)),
             "item_count_w": jnp.asarray(np.sqrt(item_counts))}
-
   batch_size = {d: min(s.batch_size, len(rows)) for d, rows in examples.items()}
   width = {d: min(batch_size[d], len(np.unique(example_hist[position[d]]))) for d in examples}
   steps_per_epoch = {d: -(-len(rows) // batch_size[d]) for d, rows in examples.items()}
-  total_steps = s.epochs * sum(steps_per_epoch.values())
+  return TrainingSetup(model, context, tables, profile_rows, examples, position,
+                       (hist, example_hist, hist_domain, hist_user), batch_size, width,
+                       steps_per_epoch, q_item, float(len(all_rows)))
+
+
+def epoch_batches(data: InteractionData, setup: TrainingSetup, settings: HybridSettings, rng,
+                  cache: dict | None = None):
+  """(domain, batch) for one epoch, domains interleaved at random. ``cache`` keeps a
+  full-batch domain's batch, which does not change between epochs, on device."""
+  s, cache = settings, {} if cache is None else cache
+  schedule_rows = []
+  for d, rows in setup.examples.items():
+    perm = rng.permutation(len(rows))
+    for k in range(setup.steps_per_epoch[d]):
+      schedule_rows.append((d, perm[k * setup.batch_size[d]:(k + 1) * setup.batch_size[d]]))
+  for n in rng.permutation(len(schedule_rows)):
+    d, chosen = schedule_rows[n]
+    if d in cache:
+      batch = cache[d]
+    else:
+      batch = _train_batch(data, setup.examples[d], setup.position[d], chosen,
+                           setup.batch_size[d], setup.width[d], *setup.histories,
+                           setup.profile_rows, setup.context == "before_target")
+      if setup.steps_per_epoch[d] == 1:
+        cache[d] = batch = jax.device_put(batch)
+    if s.num_negatives > 0 and data.domains[d]["task"] != "rating":
+      lo, hi = data.offsets[d], data.offsets[d + 1]
+      batch = dict(batch, negatives=(lo + rng.choice(hi - lo, s.num_negatives,
+                                                     p=setup.q_item[lo:hi])).astype(np.int32))
+    yield d, batch
+
+
+def fit_hybrid(data: InteractionData, settings: HybridSettings = HybridSettings(), *,
+               text: np.ndarray | None = None, profile: np.ndarray | None = None,
+               profile_rows: np.ndarray | None = None, verbose: bool = True) -> FittedHybrid:
+  """Trains on the train split. ``text``: [num_items, T] frozen-encoder item vectors;
+  ``profile``: [P, T] profile vectors with ``profile_rows[u]`` the row of user u."""
+  s = settings
+  setup = training_setup(data, s, text, profile, profile_rows)
+  total_steps = s.epochs * sum(setup.steps_per_epoch.values())
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, s.learning_rate, max(1, int(s.warmup_fraction * total_steps)), max(total_steps, 2),
       end_value=0.1 * s.learning_rate)
   tx = optax.adam(schedule)
-  graphdef, params = nnx.split(model)
+  graphdef, params = nnx.split(setup.model)
   opt_state = tx.init(params)
 
   steps = {}
-  for d in examples:
+  for d in setup.examples:
     lo, hi = int(data.offsets[d]), int(data.offsets[d + 1])
     task = data.domains[d]["task"]
-    loss = _loss_fn(graphdef, tables, s, task, lo, hi, num_train)
-    steps[d] = _make_step(loss, tx, s, batch_size[d] if task == "rating" else (
+    loss = _loss_fn(graphdef, setup.tables, s, task, lo, hi, setup.num_train)
+    steps[d] = _make_step(loss, tx, s, setup.batch_size[d] if task == "rating" else (
         s.num_negatives if s.num_negatives > 0 else hi - lo))
 
   rng = np.random.default_rng(s.seed)
-  full_batches = {}  # a full-batch domain's batch does not change between epochs: build it once
+  full_batches = {}
   log, t0 = [], time.time()
   for epoch in range(s.epochs):
-    schedule_rows = []
-    for d, rows in examples.items():
-      perm = rng.permutation(len(rows))
-      for k in range(steps_per_epoch[d]):
-        schedule_rows.append((d, perm[k * batch_size[d]:(k + 1) * batch_size[d]]))
-    order = rng.permutation(len(schedule_rows))
     sums = {}
-    for n in order:
-      d, chosen = schedule_rows[n]
-      if d in full_batches:
-        batch = full_batches[d]
-      else:
-        batch = _train_batch(data, examples[d], position[d], chosen, batch_size[d], width[d], hist,
-                             example_hist, hist_domain, hist_user, profile_rows,
-                             context == "before_target")
-        if steps_per_epoch[d] == 1:
-          full_batches[d] = batch = jax.device_put(batch)
-      if s.num_negatives > 0 and data.domains[d]["task"] != "rating":
-        lo, hi = data.offsets[d], data.offsets[d + 1]
-        batch = dict(batch, negatives=(lo + rng.choice(hi - lo, s.num_negatives,
-                                                       p=q_item[lo:hi])).astype(np.int32))
+    for d, batch in epoch_batches(data, setup, s, rng, full_batches):
       params, opt_state, metrics = steps[d](params, opt_state, batch)
       for key, value in metrics.items():
         sums.setdefault(f"{data.names[d]}/{key}", []).append(value)
@@ -290,8 +329,9 @@ def fit_hybrid(data: InteractionData, settings: HybridSettings = HybridSettings(
       print("    epoch " + " ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "epoch")
             + f" ({entry['epoch']}/{s.epochs})", flush=True)
   model = nnx.merge(graphdef, params)
-  return FittedHybrid(model, data, s, context, tables["text"], tables["profile"], profile_rows, log,
-                      {"items": tables["tags"], "users": tables["user_tags"]})
+  t = setup.tables
+  return FittedHybrid(model, data, s, setup.context, t["text"], t["profile"], setup.profile_rows,
+                      log, {"items": t["tags"], "users": t["user_tags"]})
 
 
 def _make_step(loss, tx, s: HybridSettings, num_item_vectors: int):

@@ -1,8 +1,15 @@
 """Orbax checkpoints of a training run: train state + data-iterator state + a self-contained
-description (config, model config, tokenizer directory), keeping the last K and the best one."""
+description (config, model config, tokenizer directory), keeping the last K and the best one.
+
+Items of a step: ``params`` (the model weights), ``state`` (the rest of the train state: step,
+optimizer state, rng), ``data_iter`` and ``meta`` (JSON). Serving restores ``params`` alone, so
+the optimizer moments are never read. Checkpoints written before the split hold the whole train
+state in ``state`` (and no ``params`` item); they are detected per step and still restore.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -41,16 +48,19 @@ class Checkpointer:
         preservation_policy=policies.AnyPreservationPolicy(preserve),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-        "state": ocp.StandardCheckpointHandler(), "data_iter": ocp.JsonCheckpointHandler(),
-        "meta": ocp.JsonCheckpointHandler()})
+        "params": ocp.StandardCheckpointHandler(), "state": ocp.StandardCheckpointHandler(),
+        "data_iter": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state, data_iter_state: bytes | None, meta: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:
     data = json.loads(data_iter_state) if data_iter_state else {}
-    self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data_iter=ocp.args.JsonSave(data),
-        meta=ocp.args.JsonSave(meta)))
+    params, rest = _split(state)
+    items = {"data_iter": ocp.args.JsonSave(data), "meta": ocp.args.JsonSave(meta)}
+    if params is not None:
+      items["params"] = ocp.args.StandardSave(params)
+    if params is None or jax.tree.leaves(rest):  # Orbax cannot save a tree without arrays
+      items["state"] = ocp.args.StandardSave(rest)
+    self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(**items))
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -74,9 +84,10 @@ class Checkpointer:
     (other model shape / config) raises ``CheckpointIncompatibleError``: never a silent fresh
     start over existing checkpoints.
 
-    ``params_only``: ``abstract_state`` is the abstract *params* tree and only that subtree of
-    the saved train state is read (Orbax partial restore): serving never allocates the
-    optimizer moments. Returns (step, params, None, meta).
+    ``params_only``: ``abstract_state`` is the abstract *params* tree and only the ``params``
+    item is read (from a checkpoint of the older one-item layout: that subtree of ``state``,
+    by an Orbax partial restore): serving never reads or allocates the optimizer moments.
+    Returns (step, params, None, meta).
     """
     steps = [s for s in self.all_steps() if max_step is None or s <= max_step]
     errors = []
@@ -91,7 +102,10 @@ class Checkpointer:
       if expected_meta is not None:
         _check_compatible(self.directory / str(step), meta, expected_meta)
       try:
-        saved_shapes = _shapes(self.manager.item_metadata(step)["state"])
+        items = self.manager.item_metadata(step)
+        split = "params" in items  # else the one-item layout written before the split
+        saved_shapes = _shapes({"params": items["params"], **(items.get("state") or {})}
+                               if split else items["state"])
       except Exception as e:  # pylint: disable=broad-except
         errors.append(f"step {step}: {type(e).__name__}: {e}")
         log.warning("checkpoint %s/%d has unreadable metadata (%s); trying the previous one",
@@ -107,7 +121,9 @@ class Checkpointer:
             f"({len(diff)} arrays differ, e.g. {'; '.join(diff[:3])}). Use a new --workdir for a "
             "different model, or restore the matching config.")
       try:
-        if params_only:
+        if split:
+          restored = self._read_split(step, abstract_state, params_only)
+        elif params_only:
           restored = {"state": self._read_params(step, abstract_state), "data_iter": None}
         else:
           restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -139,8 +155,25 @@ class Checkpointer:
           "directory away to start fresh; it is left untouched.")
     return None
 
+  def _read_split(self, step: int, abstract_state, params_only: bool):
+    """Step's ``params`` item alone (``params_only``), or the train state joined from its
+    ``params`` and ``state`` items, with the data-iterator state."""
+    if params_only:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_state)))
+      return {"state": restored["params"], "data_iter": None}
+    abstract_params, abstract_rest = _split(abstract_state)
+    items = {"params": ocp.args.StandardRestore(abstract_params),
+             "data_iter": ocp.args.JsonRestore()}
+    if jax.tree.leaves(abstract_rest):
+      items["state"] = ocp.args.StandardRestore(abstract_rest)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    rest = restored["state"] if "state" in items else abstract_rest
+    return {"state": _join(abstract_state, restored["params"], rest),
+            "data_iter": restored["data_iter"]}
+
   def _read_params(self, step: int, abstract_params):
-    """The ``params`` subtree of step's saved train state, nothing else read."""
+    """The ``params`` subtree of step's saved train state (one-item layout), nothing else read."""
     # StandardCheckpointHandler restores whole trees only; the PyTree handler reads the same
     # files and can leave subtrees (optimizer state, step, rng) on disk.
     if self._params_reader is None:
@@ -186,6 +219,23 @@ def _check_compatible(path, meta, expected):
       raise CheckpointIncompatibleError(
           f"{path}: checkpoint was written for another model (differs in {diff}). Use a new "
           "--workdir, or pass the config the checkpoint was trained with.")
+
+
+def _split(state):
+  """(params, the rest of the train state as a dict); (None, state) for a state without params."""
+  if isinstance(state, dict) and "params" in state:
+    return state["params"], {k: v for k, v in state.items() if k != "params"}
+  if dataclasses.is_dataclass(state) and hasattr(state, "params"):
+    return state.params, {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+                          if f.name != "params"}
+  return None, state
+
+
+def _join(abstract_state, params, rest):
+  """The inverse of ``_split``, in the type of ``abstract_state``."""
+  if isinstance(abstract_state, dict):
+    return {**rest, "params": params}
+  return dataclasses.replace(abstract_state, params=params, **rest)
 
 
 def _shapes(tree) -> dict[str, tuple]:

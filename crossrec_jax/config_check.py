@@ -16,7 +16,7 @@ RATING_METRICS = ("rmse", "mae")
 IMPLICIT_METRICS = ("auc", f"hr@{K}", f"ndcg@{K}")
 
 ENUMS: dict[str, tuple[str, ...]] = {
-    "stage": ("end_to_end", "cached"),
+    "stage": ("end_to_end", "cached", "fine_tune"),
     "best_mode": ("max", "min"),
     "adversarial.method": ("none", "fgm", "pgd", "smart"),
     "data.source": ("synthetic", "byo", "movielens"),

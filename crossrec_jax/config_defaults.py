@@ -25,7 +25,13 @@ def base_config() -> ml_collections.ConfigDict:
   # text projections; crossrec_jax/cached_training.py) trains on the cached vectors, fused
   # with item-item CF for implicit domains. "end_to_end" (stage 2, accelerators): the encoder is
   # fine-tuned with the adversarial regularizer on its word embeddings.
+  # "fine_tune" (stage 2 from stage 1): starts from the stage-1 run of the same workdir
+  # (training it first if missing) and fine-tunes the encoder under the hybrid model
+  # (crossrec_jax/stage2.py); its checkpoints and metrics go to workdir/fine_tune.
   c.stage = "end_to_end"
+  c.fine_tune = ml_collections.ConfigDict(dict(
+      epochs=1, batch_size=256, refresh_items=256,  # items re-encoded per step (targets first)
+      learning_rate=1e-4, encoder_learning_rate=2e-5))
   # Stage-1 model: None keeps the measured default for the data's kind
   # (cached_training.EXPLICIT / IMPLICIT); any field of cached_training.HybridSettings.
   placeholder = ml_collections.config_dict.placeholder
@@ -37,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
       ("adversarial_weight", float))})
   # CF + deep fusion of stage 1 (implicit domains; weights tuned on valid).
   c.fusion = ml_collections.ConfigDict(dict(
-      components=("item_knn", "ease"), knn_k=100, knn_shrink=20.0, ease_lambda=30.0))
+      components=("item_knn", "ease", "text_knn"), knn_k=100, knn_shrink=20.0, ease_lambda=30.0,
+      text_knn_k=50))
 
   c.model = ml_collections.ConfigDict(dict(
       checkpoint="embedded:all-MiniLM-L6-v2",  # HF dir, hub id (online), embedded:..., generated:tiny

@@ -55,9 +55,9 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
 def _evaluate_stage1(workdir, config, secret, split):
   """A stage-1 run: its served (fused) model on ``split``, next to the same baselines as in
   training."""
-  from crossrec_jax import stage1_run  # pylint: disable=import-outside-toplevel
+  from crossrec_jax import stage1_run, stage2  # pylint: disable=import-outside-toplevel
   from crossrec_jax.cli import UsageError  # pylint: disable=import-outside-toplevel
-  model, data, step = stage1_run.load(workdir, config, secret)
+  model, data, step = stage2.load(workdir, config, secret)  # stage 2's model if it ran
   if not data.mask((split,)).any():
     raise UsageError(f"--split {split!r} has no rows in the data set; it has "
                      f"{sorted(set(data.split.tolist()) - {'history'})}")
@@ -66,27 +66,28 @@ def _evaluate_stage1(workdir, config, secret, split):
   return results
 
 
+def _define_flags(fv, argv):
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("workdir", None, "The training run's --workdir.", **d)
+  flags.DEFINE_string("split", "test", "Split to evaluate.", **d)
+  flags.DEFINE_integer("limit", 0, "Examples to evaluate; 0: all.", **d)
+  flags.DEFINE_string("link_secret_file", "", "File holding the training's user-linkage secret "
+                      "(or set CROSSREC_LINK_SECRET).", **d)
+  flags.mark_flags_as_required(["workdir"], flag_values=fv)
+
+
+def _main(f) -> int:
+  import json  # pylint: disable=import-outside-toplevel
+  print(json.dumps(evaluate_workdir(f.workdir, f.split, f.limit or None, f.link_secret_file)))
+  return 0
+
+
 def cli_main(argv=None) -> int:
   """``python -m crossrec_jax.evaluate``; returns the exit code (see crossrec_jax/cli.py)."""
-  import json  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
   from crossrec_jax import cli  # pylint: disable=import-outside-toplevel
-  argv = list(sys.argv if argv is None else argv)
-
-  parser = cli.ArgumentParser(description="Evaluate a training run's latest checkpoint.")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--split", default="test")
-  parser.add_argument("--limit", type=int, default=0, help="examples to evaluate; 0: all")
-  parser.add_argument("--link_secret_file", default="",
-                      help="file with the training's user-linkage secret (or CROSSREC_LINK_SECRET)")
-  parser.add_argument("--verbose", action="store_true", help="tracebacks for user errors too")
-  verbose = cli.traceback_requested(argv)
-
-  def run():
-    args = parser.parse_args(argv[1:])
-    print(json.dumps(evaluate_workdir(args.workdir, args.split, args.limit or None,
-                                      args.link_secret_file)))
-  return cli.guarded(run, verbose)
+  return cli.run_absl(argv, _define_flags, _main)
 
 
 if __name__ == "__main__":

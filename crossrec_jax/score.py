@@ -183,13 +183,13 @@ def _is_stage1(checkpoint, step=None) -> bool:
     meta = rundir.newest_meta(checkpointer, [step] if step is not None else available)
   finally:
     checkpointer.close()
-  return (meta.get("model") or {}).get("stage") == "cached"
+  return (meta.get("model") or {}).get("stage") in ("cached", "fine_tune")
 
 
 def _run_stage1(checkpoint, users, items, output, fmt, *, pairs, top_k, domains, mapping_file,
                 secret_file) -> dict[str, Any]:
   """A stage-1 run: its fused model (network + item-item CF), as its evaluation served it."""
-  from crossrec_jax import stage1_run, stage1_score  # pylint: disable=import-outside-toplevel
+  from crossrec_jax import stage1_score, stage2  # pylint: disable=import-outside-toplevel
   from crossrec_jax.data.from_config import processing_config  # pylint: disable=import-outside-toplevel
   workdir, ckpt_dir = rundir.checkpoint_paths(checkpoint)
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
@@ -199,8 +199,8 @@ def _run_stage1(checkpoint, users, items, output, fmt, *, pairs, top_k, domains,
     checkpointer.close()
   config = _with_mapping(ml_collections.ConfigDict(meta["config"]), mapping_file)
   secret = rundir.scoring_secret(meta, secret_file)
-  model, data, step = stage1_run.load(workdir, config, secret)
-  print(f"Scoring with the stage-1 model of checkpoint step {step} of {ckpt_dir}", file=sys.stderr,
+  model, data, step = stage2.load(workdir, config, secret)  # stage 2's model if it ran
+  print(f"Scoring with the stage-{2 if stage2.has_stage2(workdir) else 1} model of checkpoint step {step} of {ckpt_dir}", file=sys.stderr,
         flush=True)
   wanted = list(domains) if domains else data.names
   for name in wanted:

@@ -24,7 +24,7 @@ from flax import nnx
 
 from crossrec_jax import baselines as bl
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax import fusion, metrics, ranking, text_cache
+from crossrec_jax import fusion, metric_writers, metrics, ranking, text_cache
 from crossrec_jax.cached_training import FittedHybrid, HybridSettings, fit_hybrid
 from crossrec_jax.data.from_config import (prepare_data, public_config_dict,
                                           resolve_link_secret, resolve_model_checkpoint,
@@ -55,11 +55,15 @@ class Stage1Model:
     return self.hybrid.score_pairs(queries)
 
 
-def fit_cf(data: InteractionData, config) -> dict[str, bl.Recommender]:
+def fit_cf(data: InteractionData, config, text=None) -> dict[str, bl.Recommender]:
+  """The fusion's non-network components; ``text``: the frozen encoder's item vectors, for the
+  content-based text-kNN (the component that ranks items CF has not seen)."""
   implicit = [d for d in range(len(data.domains)) if data.task(d) == "implicit"]
   if not implicit:
     return {}
   cf = {}
+  if "text_knn" in config.fusion.components and text is not None:
+    cf["text_knn"] = bl.TextKNN(text, k=config.fusion.text_knn_k).fit(data)
   if "item_knn" in config.fusion.components:
     cf["item_knn"] = bl.ItemKNN(k=config.fusion.knn_k, shrink=config.fusion.knn_shrink).fit(data)
   if "ease" in config.fusion.components:
@@ -110,6 +114,23 @@ def evaluate(model: Stage1Model, data: InteractionData, split: str, k: int = 10
   return results
 
 
+def evaluate_and_report(model: Stage1Model, data: InteractionData, step: int, workdir,
+                        label: str) -> dict[str, dict[str, float]]:
+  """valid then test (where the data has them), each written to ``workdir``'s metrics and
+  printed; returns the last one's metrics."""
+  from crossrec_jax.evaluator import format_table  # pylint: disable=import-outside-toplevel
+  results = {}
+  with metric_writers.create_default_writer(workdir) as writer:
+    for split in ("valid", "test"):
+      if not data.mask((split,)).any():
+        continue
+      results = evaluate(model, data, split)
+      writer.write_scalars(step, metric_writers.flatten(results, f"{split}/"))
+      if jax.process_index() == 0:
+        print(f"\n[{label}] {split} metrics (ours vs baseline):\n{format_table(results)}")
+  return results
+
+
 def _inputs(config, workdir: pathlib.Path, secret=None):
   """The data, cached item text vectors, settings and checkpoint description of a run."""
   secret = secret or resolve_link_secret(config)
@@ -131,13 +152,13 @@ def _restore(checkpointer, data, text, settings, meta):
     return None
   # The untrained model gives the checkpoint's structure; epochs=0 trains nothing.
   hybrid = fit_hybrid(data, dataclasses.replace(settings, epochs=0), text=text, verbose=False)
-  abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                     nnx.to_pure_dict(nnx.split(hybrid.model)[1]))}
-  restored = checkpointer.restore(abstract, expected_meta=meta)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          nnx.to_pure_dict(nnx.split(hybrid.model)[1]))
+  restored = checkpointer.restore(abstract, expected_meta=meta, params_only=True)
   if restored is None:
     return None
-  step, state, _, saved = restored
-  nnx.update(hybrid.model, state["params"])
+  step, params, _, saved = restored
+  nnx.update(hybrid.model, params)
   hybrid.refresh()
   return step, hybrid, {int(d): w for d, w in saved["fusion_weights"].items()}
 
@@ -156,11 +177,10 @@ def load(workdir, config, secret=None) -> tuple[Stage1Model, InteractionData, in
   if restored is None:
     raise ckpt_lib.CheckpointIncompatibleError(f"{workdir}: no stage-1 checkpoint to restore")
   step, hybrid, weights = restored
-  return Stage1Model(hybrid, fit_cf(data, config), weights), data, step
+  return Stage1Model(hybrid, fit_cf(data, config, text), weights), data, step
 
 
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
-  from crossrec_jax.evaluator import format_table  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   data, text, settings, meta = _inputs(config, workdir)
@@ -172,7 +192,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
       print(f"Restored the stage-1 model from {checkpointer.directory}/{step}")
     else:
       hybrid = fit_hybrid(data, settings, text=text, verbose=True)
-    cf = fit_cf(data, config)
+    cf = fit_cf(data, config, text)
     if restored is None:
       weights = tune_fusion(hybrid, cf, data)
       step = settings.epochs
@@ -181,15 +201,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   finally:
     checkpointer.close()
   model = Stage1Model(hybrid, cf, weights)
-  results = {}
-  for split in ("valid", "test"):
-    if not data.mask((split,)).any():
-      continue
-    results = evaluate(model, data, split)
-    if jax.process_index() == 0:
-      with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step, "split": split, "metrics": results}) + "\n")
-      print(f"\n[stage 1] {split} metrics (ours vs baseline):\n{format_table(results)}")
+  results = evaluate_and_report(model, data, step, workdir, "stage 1")
   if weights:
     print("fusion weights (tuned on valid): " + ", ".join(
         f"{data.names[d]} {w}" for d, w in weights.items()))

@@ -33,12 +33,21 @@ def _pad_to(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
-class TextEncoder:
-  """The frozen encoder of ``checkpoint`` as a bulk text -> vector function."""
+def mean_pooled(encoder, ids, mask):
+  """The text vector sentence encoders such as all-MiniLM-L6-v2 are trained with: the mean of
+  the last hidden state over the real tokens."""
+  hidden, _ = encoder(ids, mask)
+  m = mask.astype(hidden.dtype)[..., None]
+  return jnp.sum(hidden * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
 
-  def __init__(self, checkpoint: str, *, batch_size: int = 128, devices=None):
+
+class TextEncoder:
+  """The frozen encoder of ``checkpoint`` as a bulk text -> vector function (``encoder``: the
+  same architecture with other weights, e.g. fine-tuned by stage 2)."""
+
+  def __init__(self, checkpoint: str, *, batch_size: int = 128, devices=None, encoder=None):
     self.directory = hf.resolve_checkpoint(checkpoint)
-    self.encoder = hf.load_bert(self.directory)
+    self.encoder = encoder if encoder is not None else hf.load_bert(self.directory)
     self.tokenizer = hf.load_tokenizer(self.directory)
     self.dim = self.encoder.config.hidden_size
     devices = np.asarray(devices if devices is not None else jax.devices())
@@ -51,9 +60,7 @@ class TextEncoder:
 
     @jax.jit
     def forward(params, ids, mask):
-      hidden, _ = nnx.merge(graphdef, params)(ids, mask)
-      m = mask.astype(hidden.dtype)[..., None]
-      return jnp.sum(hidden * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
+      return mean_pooled(nnx.merge(graphdef, params), ids, mask)
 
     self._forward = lambda ids, mask: forward(
         self._params, jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding))

@@ -10,16 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
-import time
 from typing import Any
 
 import jax
 import numpy as np
 
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax import cli, config_check, optim, rundir, sharding, steps
+from crossrec_jax import cli, config_check, optim, sharding, steps
 from crossrec_jax.cli import NonFiniteLossError  # noqa: F401 (public here: the run's own error)
 from crossrec_jax.data import pipeline
 from crossrec_jax.data.from_config import prepare_data  # noqa: F401 (used via train.prepare_data)
@@ -27,41 +25,11 @@ from crossrec_jax.evaluator import Evaluator, format_table
 # What a run is lives in experiment.py; these names stay importable from here.
 from crossrec_jax.experiment import (Run, build_run, init_state,  # noqa: F401
                                      maybe_initialize_distributed)
-from crossrec_jax.rundir import append_jsonl, remove_if_failed_early  # noqa: F401
+from crossrec_jax.metric_writers import TrainWindow, create_default_writer, flatten, progress_bar
+from crossrec_jax.preemption import Preemption
+from crossrec_jax.rundir import remove_if_failed_early
 
 log = logging.getLogger("crossrec_jax")
-
-
-def _flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:
-  return {f"{name}/{k}": float(v) for name, m in results.items() for k, v in m.items()}
-
-
-class _Preemption:
-  """SIGTERM -> every process saves at the same step, then the run returns ``preempted``.
-
-  Several processes: JAX's preemption service (started by ``jax.distributed.initialize``)
-  catches SIGTERM on any host and Orbax's ``reached_preemption(step)`` turns true on all hosts
-  at the same step, so no host is left stepping into a collective save alone. One process: a
-  Python handler sets a flag (not installed in multi-process runs: it would replace JAX's).
-  """
-
-  def __init__(self, checkpointer):
-    self.checkpointer, self.flag = checkpointer, False
-    self.multi = jax.process_count() > 1
-    if not self.multi:
-      try:
-        signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # not the main thread (e.g. some notebook runners)
-        pass
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.flag = True
-
-  def reached(self, step: int) -> bool:
-    """Called once per step by every process."""
-    if self.multi:
-      return self.checkpointer.reached_preemption(step)
-    return self.flag
 
 
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
@@ -74,6 +42,9 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     if config.stage == "cached":
       from crossrec_jax import stage1_run  # pylint: disable=import-outside-toplevel
       return stage1_run.train_and_evaluate(config, workdir)
+    if config.stage == "fine_tune":
+      from crossrec_jax import stage2  # pylint: disable=import-outside-toplevel
+      return stage2.train_and_evaluate(config, workdir)
     return _train_end_to_end(config, workdir, progress)
 
 
@@ -110,9 +81,9 @@ def _train_end_to_end(config, workdir, progress_marker) -> dict[str, Any]:
   baselines = run.baselines
   eval_split = config.data.eval_split if config.data.eval_split in run.sources else config.data.test_split
   limit = config.data.eval_limit or None
-  writer = _summary_writer(workdir) if is_main else None
+  writer = create_default_writer(workdir)  # writes nothing on processes other than 0
   schedule = optim.learning_rate_schedule(config)
-  preemption = _Preemption(checkpointer)
+  preemption = Preemption(checkpointer)
   preempted = False
 
   def save(step, metrics=None):
@@ -120,19 +91,32 @@ def _train_end_to_end(config, workdir, progress_marker) -> dict[str, Any]:
 
   def evaluate(step, split) -> dict[str, dict[str, float]]:
     results = evaluator.evaluate(state.params, run.sources[split], limit=limit, baselines=baselines)
+    writer.write_scalars(step, flatten(results, f"{split}/"))
+    writer.flush()
     if is_main:
-      append_jsonl(workdir / rundir.METRICS_FILE, {"step": step, "split": split, "metrics": results})
-      if writer is not None:
-        for key, value in _flatten(results).items():
-          writer.add_scalar(f"{split}/{key}".replace("@", "_at_"), value, step)
-        writer.flush()
       print(f"\n[step {step}] {split} metrics (ours vs baseline):\n{format_table(results)}")
     return results
 
+  def log_train(step):
+    """The window's mean metrics; every process checks the loss, so no NaN state is saved."""
+    means, rate = window.read()
+    if not np.isfinite(means["loss"]):
+      raise NonFiniteLossError(
+          f"loss is {means['loss']} at step {step}; stopping without checkpointing it (a step "
+          f"since the last log had a non-finite loss). The last good checkpoint in "
+          f"{checkpointer.directory} is kept. Lower optim.learning_rate, enable "
+          "optim.clip_norm, or check the data.")
+    scalars = {f"train/{k}": v for k, v in means.items()}
+    scalars["train/learning_rate"] = float(schedule(step - 1))
+    if rate is not None:  # None: the window held only the compile step
+      scalars["train/examples_per_second"] = rate
+    writer.write_scalars(step, scalars)
+    progress.set_postfix(loss=f"{means['loss']:.4f}", **({"ex_s": f"{rate:.1f}"} if rate else {}))
+
   start = int(sharding.to_host(state.step))
   best, evals_since_best, last_results = None, 0, {}
-  progress = _progress(start, config.train_steps, is_main)
-  t0, examples = time.time(), 0
+  progress = progress_bar(start, config.train_steps, is_main)
+  window = TrainWindow()
   step = start
   try:
     while step < config.train_steps:
@@ -140,30 +124,21 @@ def _train_end_to_end(config, workdir, progress_marker) -> dict[str, Any]:
       state, metrics = train_step(state, batch)
       step += 1
       progress_marker.started = True
-      examples += config.batch_size
+      window.add(metrics, config.batch_size)
+      if step == start + 1:  # compiled and run: the clock starts after it
+        jax.block_until_ready(metrics)
+        window.restart_clock()
       progress.update(1)
       preempted = preemption.reached(step)  # every process, every step (multi-host sync)
       at_checkpoint = config.checkpoint_every and step % config.checkpoint_every == 0
       at_eval = config.eval_every and step % config.eval_every == 0 and step < config.train_steps
-      if step % config.log_every == 0 or at_checkpoint or at_eval or step == config.train_steps \
-          or preempted:
-        metrics = {k: float(sharding.to_host(v)) for k, v in metrics.items()}
-        if not np.isfinite(metrics["loss"]):
-          raise NonFiniteLossError(
-              f"loss is {metrics['loss']} at step {step}; stopping without checkpointing it. "
-              f"The last good checkpoint in {checkpointer.directory} is kept. Lower "
-              "optim.learning_rate, enable optim.clip_norm, or check the data.")
-        rate = examples / max(time.time() - t0, 1e-9)
-        if writer is not None:
-          for key, value in metrics.items():
-            writer.add_scalar(f"train/{key}", float(value), step)
-          writer.add_scalar("train/learning_rate", float(schedule(step - 1)), step)
-          writer.add_scalar("train/examples_per_second", rate, step)
-        progress.set_postfix(loss=f"{float(metrics['loss']):.4f}", ex_s=f"{rate:.1f}")
-        if is_main:
-          append_jsonl(workdir / rundir.METRICS_FILE, {
-              "step": step, "split": "train", "metrics": metrics,
-              "learning_rate": float(schedule(step - 1)), "examples_per_second": rate})
+      at_stop = (config.steps_per_run and step - start >= config.steps_per_run
+                 and step < config.train_steps)
+      # Every step that saves is a log step: its window's losses are checked first.
+      if not (step % config.log_every == 0 or at_checkpoint or at_eval or at_stop or preempted
+              or step == config.train_steps):
+        continue
+      log_train(step)
       if preempted:
         save(step)
         checkpointer.wait()
@@ -171,14 +146,7 @@ def _train_end_to_end(config, workdir, progress_marker) -> dict[str, Any]:
               f"with code {cli.EXIT_PREEMPTED} so the job is re-run (the same command resumes).",
               flush=True)
         break
-      if config.steps_per_run and step - start >= config.steps_per_run and step < config.train_steps:
-        # This step may be no log step, so its loss has not been checked yet: never save NaN.
-        loss = float(sharding.to_host(metrics["loss"]))
-        if not np.isfinite(loss):
-          raise NonFiniteLossError(
-              f"loss is {loss} at step {step}; stopping without checkpointing it. The last good "
-              f"checkpoint in {checkpointer.directory} is kept. Lower optim.learning_rate, "
-              "enable optim.clip_norm, or check the data.")
+      if at_stop:
         save(step)
         print(f"\nRan steps_per_run={config.steps_per_run} steps: saved step {step}; run the same "
               "command again to continue.")
@@ -198,6 +166,7 @@ def _train_end_to_end(config, workdir, progress_marker) -> dict[str, Any]:
             break
       if at_checkpoint or at_eval:
         save(step, eval_metrics if config.best_metric else None)
+      window.restart_clock()  # logging, evaluation and saving are not training time
     else:  # reached train_steps (also when re-run after the end: evaluates the final state)
       last_results = evaluate(step, eval_split)
       if step not in checkpointer.all_steps():
@@ -207,20 +176,13 @@ def _train_end_to_end(config, workdir, progress_marker) -> dict[str, Any]:
   finally:
     progress.close()
     checkpointer.close()
-    if writer is not None:
-      writer.close()
+    writer.close()
   return {"step": step, "metrics": last_results, "preempted": preempted}
 
 
-def _progress(start, total, enabled):
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=total, initial=start, desc="train", unit="step", disable=not enabled,
-              dynamic_ncols=True, file=sys.stdout)
-
-
-def _summary_writer(workdir):
-  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-  return SummaryWriter(str(workdir / "tensorboard"))
+def _flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:
+  """``{"domain/metric": value}``: what ``best_metric`` names and checkpoints record."""
+  return {k: float(v) for k, v in flatten(results).items()}
 
 
 def _main(fv) -> int:

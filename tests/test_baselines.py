@@ -111,6 +111,32 @@ def test_item_knn_pruning_matches_a_dense_reference():
     bl.ItemKNN(3, 0.0, cooccurrence=cooc).fit(other)
 
 
+def test_text_knn_matches_a_dense_reference_and_scores_items_nobody_touched():
+  rng = np.random.default_rng(1)
+  vectors = rng.normal(size=(12, 5)).astype(np.float32)
+  vectors[11] = vectors[3] + 0.01  # item i11 reads like i03 and has no interaction at all
+  ids = [f"i{i:02d}" for i in range(12)]
+  rows = [(f"u{u}", "shop", f"i{i:02d}", 1.0, "train") for u in range(6) for i in range(u, u + 3)]
+  rows += [("u9", "shop", "i03", 1.0, "history"), ("u9", "shop", "i11", 1.0, "test")]
+  data = make_data([SHOP], [ids], rows)
+  model = bl.TextKNN(vectors, k=4, block=5).fit(data)  # blocks of 5: the last one is padded
+  v = vectors - vectors.mean(0)
+  v /= np.linalg.norm(v, axis=1, keepdims=True)
+  cos = v @ v.T
+  np.fill_diagonal(cos, -np.inf)
+  expected = np.zeros((12, 12))
+  for j in range(12):
+    keep = np.argsort(-cos[:, j], kind="stable")[:4]
+    expected[keep, j] = np.maximum(cos[keep, j], 0)
+  np.testing.assert_allclose(model.similarity.toarray(), expected, atol=1e-5)
+  test = data.queries("test", 0)
+  scores = model.score_catalog(test, 0)
+  np.testing.assert_allclose(scores, test.context.toarray() @ expected, atol=1e-5)
+  assert np.argmax(np.where(np.arange(12) == 3, -np.inf, scores[0])) == 11
+  with pytest.raises(ValueError, match="11 text vectors for 12 items"):
+    bl.TextKNN(vectors[:11]).fit(data)
+
+
 def test_ease_matches_the_closed_form_and_ranks_untouched_items_last():
   rng = np.random.default_rng(0)
   dense = (rng.random((40, 12)) < 0.3).astype(float)

@@ -25,8 +25,8 @@ def _run(data_dir, tiny_checkpoint, tmp_path, *extra):
   bench_quality.main([
       "--data", str(data_dir), "--data_dir", str(tmp_path / "tfds"), "--model", str(tiny_checkpoint),
       "--text_cache", str(tmp_path / "text"), "--json", str(out), "--mf_ranks", "2",
-      "--mf_regs", "0.1", "--bias_regs", "5", "--knn_k", "5", "20", "--knn_shrink", "0", "10",
-      "--set", "epochs=2", *extra])
+      "--mf_regs", "0.1", "--bias_regs", "5", "--knn_k", "5,20", "--knn_shrink", "0,10",
+      "--config.hybrid.epochs=2", *extra])
   return json.loads(out.read_text())["rows"]
 
 
@@ -39,10 +39,11 @@ def test_whole_run_on_a_bring_your_own_directory(byo_dir, tiny_checkpoint, tmp_p
             "ours (hybrid: text + ID + history)", "ours without text", "ours without implicit term",
             "ours without biases", "ours with APR", "ours, ensemble (hybrid + I-AutoRec, mean)"}
   assert methods("books") == methods("movies") == rating
-  ranking = {"popularity", "item-kNN", "EASE", "BPR (ID only)",
+  ranking = {"popularity", "item-kNN", "EASE", "BPR (ID only)", "text-kNN (content)",
              "ours, neural alone (text + ID + history)", "ours, text only", "ours, ID only",
              "ours, target-domain history only", "CF fusion: item-kNN + EASE (no neural part)",
-             "ours, served: item-kNN + EASE + neural (fused)"}
+             "CF + text fusion: item-kNN + EASE + text-kNN (no network)",
+             "ours, served: item-kNN + EASE + text-kNN + neural (fused)"}
   assert methods("music") == methods("all") == ranking   # one implicit domain: no single-domain row
   for r in rows:
     assert r["metric"] in {"rmse", "mae", "hr@10", "ndcg@10"}
@@ -60,7 +61,8 @@ def test_whole_run_on_a_bring_your_own_directory(byo_dir, tiny_checkpoint, tmp_p
   # table's figures over the same targets, with a standard error.
   paired = json.loads((tmp_path / "rows.json").read_text())["paired"]
   assert {(p["versus"], p["metric"]) for p in paired} == {
-      (v, m) for v in ("item-kNN", "EASE", "CF fusion: item-kNN + EASE (no neural part)")
+      (v, m) for v in ("item-kNN", "EASE", "CF fusion: item-kNN + EASE (no neural part)",
+                       "CF + text fusion: item-kNN + EASE + text-kNN (no network)")
       for m in ("hr@10", "ndcg@10")}
   value = {(r["method"], r["metric"]): r["value"] for r in whole if r["domain"] == "all"}
   for p in paired:
@@ -81,7 +83,8 @@ def test_a_folder_without_text_or_split_columns_runs_unchanged(byo_dir, tiny_che
   assert "split" not in interactions.splitlines()[0]
   (plain / "interactions.csv").write_text(interactions)
   rows = _run(plain, tiny_checkpoint, tmp_path, "--no_ablations")
-  assert {"ours (hybrid: text + ID + history)", "ours, served: item-kNN + EASE + neural (fused)"} <= {
+  assert {"ours (hybrid: text + ID + history)",
+          "ours, served: item-kNN + EASE + text-kNN + neural (fused)"} <= {
       r["method"] for r in rows}
 
 
@@ -91,9 +94,11 @@ def test_missing_data_directory_is_a_clear_error(tmp_path):
 
 
 def test_model_overrides_are_checked(tmp_path):
-  args = bench_quality.parse_args(["--data", str(tmp_path), "--set", "dim=16", "--set",
-                                   "hybrid.adversarial=apr", "--set", "learning_rate=1e-3"])
-  assert args.set == {"dim": 16, "adversarial": "apr", "learning_rate": 1e-3}
-  for bad, message in (("no_such_field=1", "no field"), ("dim", "KEY=VALUE")):
+  args = bench_quality.parse_args(["--data", str(tmp_path), "--config.hybrid.dim=16",
+                                   "--config.hybrid.adversarial=apr",
+                                   "--config.hybrid.learning_rate=1e-3"])
+  assert args.hybrid == {"dim": 16, "adversarial": "apr", "learning_rate": 1e-3}
+  for bad, message in (("--config.hybrid.no_such_field=1", "no field"),
+                       ("--config.hybrid.dim", "KEY=VALUE")):
     with pytest.raises(UsageError, match=message):
-      bench_quality.parse_args(["--data", str(tmp_path), "--set", bad])
+      bench_quality.parse_args(["--data", str(tmp_path), bad])

@@ -1,4 +1,5 @@
-"""The Colab notebooks run top to bottom (small settings) and the launch scripts' dry runs."""
+"""The Colab notebooks (jupytext sources in colab/*.py, paired .ipynb) run top to bottom
+(small settings) and match their committed .ipynb; the launch scripts' dry runs."""
 
 import os
 import pathlib
@@ -10,15 +11,20 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["quickstart", "batch_inference"])
+NOTEBOOKS = ["quickstart", "batch_inference"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
-  nbformat = pytest.importorskip("nbformat")
+  """The notebook's source (``colab/NAME.py``, jupytext percent format) executed cell by cell in
+  a Jupyter kernel, as Colab runs the paired ``.ipynb``."""
+  jupytext = pytest.importorskip("jupytext")
   nbclient = pytest.importorskip("nbclient")
   monkeypatch.setenv("CROSSREC_NOTEBOOK_SMALL", "1")
   monkeypatch.setenv("CROSSREC_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
   monkeypatch.setenv("CROSSREC_NOTEBOOK_DATA_DIR", str(tmp_path / "tfds"))
   monkeypatch.setenv("MPLBACKEND", "Agg")
-  nb = nbformat.read(ROOT / "colab" / f"{name}.ipynb", as_version=4)
+  nb = jupytext.read(ROOT / "colab" / f"{name}.py")
   nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}}).execute()
   text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
@@ -28,12 +34,17 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
     assert "'rows':" in text
 
 
-def test_notebooks_are_generated_from_make_notebooks(tmp_path):
-  before = {p.name: p.read_text() for p in (ROOT / "colab").glob("*.ipynb")}
-  copy = tmp_path / "colab"
-  shutil.copytree(ROOT / "colab", copy)
-  subprocess.run(["python", str(copy / "make_notebooks.py")], check=True)
-  assert {p.name: p.read_text() for p in copy.glob("*.ipynb")} == before
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebook_is_in_sync_with_its_source(name):
+  """Colab opens the committed ``.ipynb``; it must hold the cells of ``colab/NAME.py``."""
+  jupytext = pytest.importorskip("jupytext")
+  source = jupytext.read(ROOT / "colab" / f"{name}.py")
+  committed = jupytext.read(ROOT / "colab" / f"{name}.ipynb")
+  cells = lambda nb: [(c.cell_type, c.source) for c in nb.cells]  # noqa: E731
+  assert cells(committed) == cells(source), f"regenerate it: jupytext --sync colab/{name}.py"
+  meta = lambda nb: {k: nb.metadata.get(k) for k in ("accelerator", "colab", "kernelspec")}  # noqa: E731
+  assert meta(committed) == meta(source) and meta(source)["accelerator"] == "TPU"
+  assert all(not c.get("outputs") for c in committed.cells), "commit the notebook without outputs"
 
 
 TPU = ["--project", "p", "--zone", "us-central2-b", "--tpu-name", "crossrec-1", "--accelerator-type",

@@ -199,7 +199,7 @@ def test_checkpointer_params_only_restore_reads_no_optimizer_state(tmp_path):
   checkpointer.save(6, state.replace(params=jax.tree.map(lambda x: x + 6, params)), None,
                     {"model": {}})
   checkpointer.close()
-  for f in (tmp_path / "ckpt" / "6" / "state").rglob("*"):  # step 6's arrays corrupt: falls back
+  for f in (tmp_path / "ckpt" / "6" / "params").rglob("*"):  # step 6's arrays corrupt: falls back
     if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
       f.write_bytes(b"\0garbage" * 4)
   checkpointer = ckpt_lib.Checkpointer(tmp_path / "ckpt", async_save=False)

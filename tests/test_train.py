@@ -296,10 +296,10 @@ def _run(cmd):
 
 def _final_params(workdir):
   with ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints",
-                             item_names=("state", "data_iter", "meta")) as mgr:
+                             item_names=("params", "state", "data_iter", "meta")) as mgr:
     step = mgr.latest_step()
-    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return step, restored["state"]["params"]
+    restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  return step, restored["params"]
 
 
 def _saved_steps(workdir):
@@ -426,6 +426,22 @@ def test_nan_loss_stops_without_checkpoint(tmp_path, data_dir, overrides):
   elif _saved_steps(workdir):  # whatever was saved before the blow-up holds finite parameters
     _, params = _final_params(workdir)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+def test_logged_train_loss_is_the_mean_over_the_logging_window(tmp_path, data_dir):
+  overrides = {"data.data_dir": data_dir, "train_steps": 4, "log_every": 2,
+               "checkpoint_every": 0, "adversarial.method": "none"}
+  train.train_and_evaluate(load_config(**overrides), tmp_path / "run")
+  lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  logged = {l["step"]: l for l in lines if l["split"] == "train"}
+  assert sorted(logged) == [2, 4]
+  # The same batches, one step at a time (same seed and data order as the run).
+  per_step, _, _, _ = _losses(load_config(**overrides), tmp_path / "steps", jax.devices(), n=4)
+  np.testing.assert_allclose([logged[2]["metrics"]["loss"], logged[4]["metrics"]["loss"]],
+                             [np.mean(per_step[:2]), np.mean(per_step[2:])], rtol=1e-5)
+  assert not np.isclose(per_step[0], per_step[1], rtol=1e-4)  # so the mean is not the last loss
+  # Step 1 compiled: the first window's throughput is timed on step 2 alone.
+  assert logged[2]["examples_per_second"] > 0 and logged[4]["examples_per_second"] > 0
 
 
 def test_checkpointer_keeps_the_last_k_and_the_best(tmp_path):

@@ -6,13 +6,15 @@
   evaluate_ranking(scores, queries, data, d)           # HR@10, NDCG@10, AUC
 
 Explicit ("rating") domains: ItemMean, UserItemBias, BiasedMF, AutoRec (``score_pairs`` is the
-predicted rating). Ranking: Popularity, ItemKNN, EASE, BPR. ``tune`` grid-searches any of them
+predicted rating). Ranking: Popularity, ItemKNN, EASE, BPR, and TextKNN (content-based, on
+text vectors). ``tune`` grid-searches any of them
 on a validation split (``holdout_split`` makes one from train).
 """
 
 from crossrec_jax.baselines.base import (Recommender, domain_exclusions, evaluate_ranking,
                                          evaluate_rating, holdout_split, ranking_metric,
                                          rmse_metric, tune)
+from crossrec_jax.baselines.content import TextKNN
 from crossrec_jax.baselines.ranking import (BPR, EASE, ItemCooccurrence, ItemKNN, Popularity,
                                             ease_weights)
 from crossrec_jax.baselines.rating import (AutoRec, BiasedMF, ItemMean, RatingRecommender,
@@ -20,5 +22,6 @@ from crossrec_jax.baselines.rating import (AutoRec, BiasedMF, ItemMean, RatingRe
 
 __all__ = ["Recommender", "RatingRecommender", "RatingTerms", "domain_exclusions",
            "evaluate_ranking", "evaluate_rating", "holdout_split", "ranking_metric", "rmse_metric",
-           "tune", "BPR", "EASE", "ItemCooccurrence", "ItemKNN", "Popularity", "ease_weights",
+           "tune", "BPR", "EASE", "ItemCooccurrence", "ItemKNN", "Popularity", "TextKNN",
+           "ease_weights",
            "AutoRec", "BiasedMF", "ItemMean", "UserItemBias", "fit_biases"]

@@ -233,14 +233,16 @@ def select_profile(entries: Iterable[tuple[str, str]], config: ProcessingConfig)
   return _select(((d, line, len(line.split())) for d, line in entries), config)
 
 
-def _select(entries: Iterable[tuple[str, str, int]], config: ProcessingConfig) -> str:
+def _select(entries: Iterable[tuple[str, str, int]], config: ProcessingConfig,
+            n_domains: int = -1) -> str:
   """``select_profile`` over (domain, line, word count): build_examples counts words once per
-  line, not once per target that line precedes."""
-  chosen, per_domain, words = [], {}, 0
+  line, not once per target that line precedes. With ``n_domains`` (how many domains the
+  entries have) it stops once every domain is at its cap: nothing after that could be chosen."""
+  chosen, per_domain, words, capped = [], {}, 0, 0
   max_items, max_words, per_cap = (config.max_profile_items, config.max_profile_words,
                                    config.max_items_per_domain)
   for domain, line, n_words in entries:
-    if len(chosen) >= max_items or words >= max_words:
+    if len(chosen) >= max_items or words >= max_words or capped == n_domains:
       break
     used = per_domain.get(domain, 0)
     if used >= per_cap or words + n_words > max_words:
@@ -248,7 +250,28 @@ def _select(entries: Iterable[tuple[str, str, int]], config: ProcessingConfig) -
     chosen.append(line)
     per_domain[domain] = used + 1
     words += n_words
+    capped += used + 1 == per_cap
   return config.separator.join(chosen)
+
+
+def _profile_maker(entries: list[tuple[str, str, int]], config: ProcessingConfig):
+  """``end -> _select(entries[end-1], ..., entries[0])`` for one user's context (oldest first).
+  Where no cap binds (most targets) the profile is all of them, newest first, joined at once."""
+  words, most, top, counts = [0], 0, [0], {}
+  for domain, _, n_words in entries:
+    words.append(words[-1] + n_words)
+    counts[domain] = used = counts.get(domain, 0) + 1
+    most = used if used > most else most
+    top.append(most)
+  lines = [line for _, line, _ in entries]
+  n_domains, separator = len(counts), config.separator
+
+  def profile(end: int) -> str:
+    if (end <= config.max_profile_items and words[end] < config.max_profile_words
+        and top[end] <= config.max_items_per_domain):
+      return separator.join(lines[:end][::-1])
+    return _select(map(entries.__getitem__, range(end - 1, -1, -1)), config, n_domains)
+  return profile
 
 
 def user_profile(history: Sequence[Interaction], items: dict[tuple[str, str], Item],
@@ -258,6 +281,25 @@ def user_profile(history: Sequence[Interaction], items: dict[tuple[str, str], It
   ordered = sorted((x for x in history if before is None or x.order < before), key=lambda x: x.order)
   return select_profile(((x.domain, _item_line(x, items, tasks[x.domain], config))
                          for x in reversed(ordered)), config)
+
+
+class _EntryCache(dict):
+  """(domain, item, label) -> (domain, profile line, word count): a line is formatted and its
+  words counted once, however many users and targets it appears for."""
+
+  def __init__(self, items, tasks: dict[str, str], config: ProcessingConfig):
+    super().__init__()
+    self.items, self.tasks, self.config = items, tasks, config
+
+  def __call__(self, x: Interaction) -> tuple[str, str, int]:
+    key = (x.domain, x.item_id, x.label)
+    if not x.label:  # 0.0 == -0.0, but a rating line writes '-0'
+      key += (math.copysign(1.0, x.label),)
+    entry = self.get(key)
+    if entry is None:
+      line = _item_line(x, self.items, self.tasks[x.domain], self.config)
+      entry = self[key] = (x.domain, line, len(line.split()))
+    return entry
 
 
 def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, str], Item],
@@ -279,47 +321,44 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
   train_items = {(x.domain, x.item_id) for x, s in zip(interactions, splits) if s == "train"}
 
   examples = {s: [] for s in TARGET_SPLITS + ("history",)}
+  entry_of = _EntryCache(items, task, config)
+  order_of = lambda x: x.order
   for user, rows in by_user.items():
-    context = sorted((i for i in rows if splits[i] in CONTEXT_SPLITS),
-                     key=lambda i: interactions[i].order)
-    context_order = [interactions[i].order for i in context]
-    domain_orders = collections.defaultdict(list)
-    for i in context:
-      domain_orders[interactions[i].domain].append(interactions[i].order)
-    lines = [_item_line(interactions[i], items, task[interactions[i].domain], config) for i in context]
-    entries = [(interactions[i].domain, line, len(line.split())) for i, line in zip(context, lines)]
+    context = sorted((interactions[i] for i in rows if splits[i] in CONTEXT_SPLITS), key=order_of)
+    context_order = [x.order for x in context]
+    domain_orders, domain_items = collections.defaultdict(list), collections.defaultdict(list)
+    for x in context:
+      domain_orders[x.domain].append(x.order)
+      domain_items[x.domain].append(x.item_id)
+    profile_of = _profile_maker(list(map(entry_of, context)), config)
+    user_in_train = user in train_users
     for target in rows:
       split = splits[target]
       x = interactions[target]
+      item = (x.domain, x.item_id)
       if split == "history":  # context only: kept so the data set holds the whole log
         examples[split].append({
             "user_key": user, "domain": x.domain, "domain_index": index[x.domain],
             "item_id": x.item_id, "label": x.label, "order": x.order,
-            "user_tags": list(x.user_tags),
-            "user_in_train": user in train_users,
-            "item_in_train": (x.domain, x.item_id) in train_items})
+            "user_tags": list(x.user_tags), "user_in_train": user_in_train,
+            "item_in_train": item in train_items})
         continue
       if split not in TARGET_SPLITS:
         continue
       # Strictly earlier context only: never the target itself, nothing at or after its time.
       end = bisect.bisect_left(context_order, x.order)
       in_domain = bisect.bisect_left(domain_orders[x.domain], x.order)
-      profile = _select(map(entries.__getitem__, range(end - 1, -1, -1)), config)  # newest first
-      # Ranking evaluation excludes the user's earlier items of the target domain.
-      history = [] if task[x.domain] != "implicit" else [
-          interactions[context[j]].item_id for j in range(end - 1, -1, -1)
-          if interactions[context[j]].domain == x.domain]
-      record = {
+      # Ranking evaluation excludes the user's earlier items of the target domain, newest first.
+      history = [] if task[x.domain] != "implicit" else domain_items[x.domain][:in_domain][::-1]
+      examples[split].append({
           "user_key": user, "domain": x.domain, "domain_index": index[x.domain],
-          "item_id": x.item_id, "item_text": items[(x.domain, x.item_id)].text,
-          "label": x.label, "profile": profile, "order": x.order,
+          "item_id": x.item_id, "item_text": items[item].text,
+          "label": x.label, "profile": profile_of(end), "order": x.order,
           "cold": in_domain < config.cold_threshold, "history_items": history,
-          "user_in_train": user in train_users,
-          "item_in_train": (x.domain, x.item_id) in train_items,
+          "user_in_train": user_in_train, "item_in_train": item in train_items,
           "raw_user_id": x.user_id if config.store_raw_user_ids else "",
           "user_tags": list(x.user_tags),
-      }
-      examples[split].append(record)
+      })
 
   if not examples["history"]:
     del examples["history"]  # only data with a given `history` split has context-only rows

@@ -148,14 +148,25 @@ def export(output_dir, config: SyntheticConfig = SyntheticConfig(), pairs_per_us
   return out
 
 
-if __name__ == "__main__":
-  import argparse  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(description="Export the synthetic data set as CSV files.")
-  parser.add_argument("--output_dir", required=True)
-  parser.add_argument("--num_users", type=int, default=SyntheticConfig.num_users)
-  parser.add_argument("--items_per_domain", type=int, default=SyntheticConfig.items_per_domain)
-  parser.add_argument("--seed", type=int, default=0)
-  a = parser.parse_args()
-  path = export(a.output_dir, SyntheticConfig(num_users=a.num_users,
-                                              items_per_domain=a.items_per_domain, seed=a.seed))
+def _define_flags(fv, argv):
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("output_dir", None, "Where interactions.csv, items.csv, pairs.csv go.", **d)
+  flags.DEFINE_integer("num_users", SyntheticConfig.num_users, "Users.", **d)
+  flags.DEFINE_integer("items_per_domain", SyntheticConfig.items_per_domain, "Items per domain.", **d)
+  flags.DEFINE_integer("seed", 0, "Seed.", **d)
+  flags.mark_flags_as_required(["output_dir"], flag_values=fv)
+
+
+def _main(f) -> int:
+  path = export(f.output_dir, SyntheticConfig(num_users=f.num_users,
+                                              items_per_domain=f.items_per_domain, seed=f.seed))
   print(f"wrote {path}/interactions.csv, items.csv, pairs.csv")
+  return 0
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=import-outside-toplevel
+  from crossrec_jax import cli  # pylint: disable=import-outside-toplevel
+  sys.exit(cli.run_absl(sys.argv, _define_flags, _main))  # exit codes: crossrec_jax/cli.py

@@ -1,0 +1,297 @@
+"""``config.stage = "fine_tune"``: stage 2, the encoder fine-tuned end to end from stage 1.
+
+Starts from the stage-1 run of the same workdir (trained first when there is none): its hybrid
+network and the pretrained encoder that produced its cached item vectors. Each step re-encodes
+the texts of the batch's items (targets first, then history items, at most
+``fine_tune.refresh_items``) with the encoder being trained, maps them with stage 1's
+standardisation and puts them in place of their cached rows, then takes stage 1's loss: the
+gradient reaches the encoder through every re-encoded item, while the rest of the catalog (the
+softmax's other negatives) keeps its cached vector. Before the first step the model is exactly
+stage 1's. The word embeddings of the re-encoded texts are perturbed adversarially (FGM, as in
+end-to-end training) when ``adversarial.method`` is not "none".
+
+After training every item text is re-encoded with the tuned encoder, the fusion weights are
+tuned again on valid and valid / test are evaluated as in stage 1. Checkpoints (Orbax, in
+``workdir/fine_tune/checkpoints``) hold the hybrid and encoder parameters and the optimizer
+state after every epoch; re-running the command resumes from the newest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from crossrec_jax import adversarial, stage1_run, text_cache
+from crossrec_jax import checkpoint as ckpt_lib
+from crossrec_jax.cached_features import standardizer
+from crossrec_jax.cached_training import (FittedHybrid, _loss_fn, epoch_batches,
+                                          training_setup)
+from crossrec_jax.data.from_config import resolve_model_checkpoint
+from crossrec_jax.models import hf
+
+SUBDIR = "fine_tune"
+
+
+def _refresh_rows(batch, num_items: int, limit: int) -> np.ndarray:
+  """[limit] item rows to re-encode: the batch's targets, then its history items, each once, in
+  order of appearance; padded with an out-of-range row (dropped by the scatter)."""
+  weight = np.asarray(batch["weight"]) > 0
+  hist = np.asarray(batch["hist_items"] if "hist_items" in batch else batch["hist"]).reshape(-1)
+  candidates = np.concatenate([np.asarray(batch["item"])[weight], hist[hist < num_items]])
+  _, first = np.unique(candidates, return_index=True)
+  rows = candidates[np.sort(first)][:limit]
+  return np.concatenate([rows, np.full(limit - len(rows), num_items + 1)]).astype(np.int32)
+
+
+def _live_text(encoder_graphdef, encoder_params, tokens, norm, table, embed_delta=None):
+  """The text table with ``tokens["rows"]`` re-encoded; gradients flow to those rows only."""
+  encoder = nnx.merge(encoder_graphdef, encoder_params)
+  embeds = encoder.embed_tokens(tokens["ids"])
+  if embed_delta is not None:
+    embeds = adversarial.perturb(embeds, embed_delta)
+  hidden, _ = encoder(None, tokens["mask"], inputs_embeds=embeds)
+  m = tokens["mask"].astype(hidden.dtype)[..., None]
+  pooled = jnp.sum(hidden * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
+  live = ((pooled - norm["mean"]) @ norm["projection"]) / norm["scale"]
+  return jax.lax.stop_gradient(table).at[tokens["rows"]].set(live, mode="drop")
+
+
+def _make_step(hybrid_loss, encoder_graphdef, tx, norm, table, adv):
+  """The jitted update of (params, opt_state) on (batch, tokens of the re-encoded items)."""
+
+  def total(params, batch, tokens, delta=None):
+    text = _live_text(encoder_graphdef, params["encoder"], tokens, norm, table, delta)
+    data_loss, (plain, reg) = hybrid_loss(params["hybrid"], batch, text=text)
+    return data_loss + reg, (plain, reg)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state, batch, tokens):
+    (_, (plain, reg)), grads = jax.value_and_grad(total, has_aux=True)(params, batch, tokens)
+    metrics = {"loss": plain, "reg": reg}
+    if adv.method != "none":
+      encoder = nnx.merge(encoder_graphdef, params["encoder"])
+      embeds = encoder.embed_tokens(tokens["ids"])
+      zero = jnp.zeros_like(embeds, jnp.float32)
+      # FGM: the loss's gradient at the clean embeddings, scaled to eps per text.
+      g = jax.grad(lambda d: total(params, batch, tokens, d)[0])(zero)
+      delta = jax.lax.stop_gradient(adversarial.normalize(g, adv.eps))
+      adv_loss, adv_grads = jax.value_and_grad(
+          lambda p: total(p, batch, tokens, delta)[0])(params)
+      grads = jax.tree.map(lambda a, b: a + adv.weight * b, grads, adv_grads)
+      metrics["adversarial"] = adv_loss
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+  return step
+
+
+def _optimizer(ft, total_steps: int):
+  def schedule(peak):
+    return optax.warmup_cosine_decay_schedule(0.0, peak, max(1, total_steps // 20),
+                                              max(total_steps, 2), end_value=0.1 * peak)
+  return optax.multi_transform(
+      {"encoder": optax.adamw(schedule(ft.encoder_learning_rate), weight_decay=0.01),
+       "hybrid": optax.adam(schedule(ft.learning_rate))},
+      lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()})
+
+
+def _tokens(tokenizer, texts, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Every item text tokenized as the text cache does (empty -> "[empty]"), one padded width."""
+  texts = [t if t else "[empty]" for t in texts]
+  enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length",
+                  return_token_type_ids=False, return_tensors="np")
+  return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+def _stage1(config, workdir: pathlib.Path):
+  """The stage-1 run of ``workdir`` (trained now if it has none): data, raw cached item vectors,
+  settings, its checkpoint description and the fitted hybrid network."""
+  data, text, settings, meta = stage1_run._inputs(config, workdir)  # pylint: disable=protected-access
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
+  try:
+    restored = stage1_run._restore(checkpointer, data, text, settings, meta)  # pylint: disable=protected-access
+  finally:
+    checkpointer.close()
+  if restored is None:
+    print("No stage-1 checkpoint in this workdir: training stage 1 first.", flush=True)
+    cached = config.copy_and_resolve_references()
+    with cached.unlocked():
+      cached.stage = "cached"
+    stage1_run.train_and_evaluate(cached, workdir)
+    return _stage1(config, workdir)
+  return data, text, settings, meta, restored[1]
+
+
+def _encoder(config, workdir: pathlib.Path):
+  directory = resolve_model_checkpoint(config, workdir)
+  return directory, hf.load_bert(directory)
+
+
+def _served(config, data, text, settings, hybrid_model, tuned_vectors, weights=None):
+  """The served model: the tuned network over the tuned encoder's item vectors (mapped by
+  stage 1's standardisation, which the network was trained with), fused with item-item CF;
+  fusion weights tuned on valid unless given."""
+  setup = training_setup(data, settings, text)
+  m = standardizer(text, settings.text_pca_dim)
+  table = np.vstack([((tuned_vectors - m["mean"]) @ m["projection"]) / m["scale"],
+                     np.zeros((1, m["projection"].shape[1]))]).astype(np.float32)
+  fitted = FittedHybrid(hybrid_model, data, settings, setup.context, jnp.asarray(table),
+                        setup.tables["profile"], setup.profile_rows, [],
+                        {"items": setup.tables["tags"], "users": setup.tables["user_tags"]})
+  cf = stage1_run.fit_cf(data, config, text)
+  if weights is None:
+    weights = stage1_run.tune_fusion(fitted, cf, data)
+  return stage1_run.Stage1Model(fitted, cf, weights)
+
+
+def _params_abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def has_stage2(workdir) -> bool:
+  """Whether the run directory holds a finished stage-2 model."""
+  directory = pathlib.Path(workdir) / SUBDIR / "checkpoints"
+  if not directory.is_dir():
+    return False
+  checkpointer = ckpt_lib.Checkpointer(directory, keep=1, async_save=False)
+  try:
+    return any("fusion_weights" in checkpointer.read_meta(s) for s in checkpointer.all_steps())
+  finally:
+    checkpointer.close()
+
+
+def load(workdir, config, secret=None):
+  """The served model of a run directory: stage 2's when it has a stage-2 checkpoint, else
+  stage 1's (``stage1_run.load``). Returns (model, data, step)."""
+  workdir = pathlib.Path(workdir)
+  if not has_stage2(workdir):
+    return stage1_run.load(workdir, config, secret)
+  checkpointer = ckpt_lib.Checkpointer(workdir / SUBDIR / "checkpoints", keep=1,
+                                       async_save=False)
+  try:
+    final = [s for s in checkpointer.all_steps() if "fusion_weights" in checkpointer.read_meta(s)]
+    data, text, settings, meta = stage1_run._inputs(config, workdir, secret)  # pylint: disable=protected-access
+    settings = dataclasses.replace(settings, batch_size=config.fine_tune.batch_size)
+    model = training_setup(data, settings, text).model
+    directory, encoder = _encoder(config, workdir)
+    params = {"encoder": nnx.split(encoder)[1], "hybrid": nnx.split(model)[1]}
+    step, params, _, saved = checkpointer.restore(
+        _params_abstract(params), expected_meta=_meta(meta), max_step=final[-1],
+        params_only=True)
+  finally:
+    checkpointer.close()
+  nnx.update(model, params["hybrid"])
+  vectors = _read_vectors(workdir, len(data.item_texts))
+  if vectors is None:  # not saved (or unreadable): encode again with the tuned encoder
+    nnx.update(encoder, params["encoder"])
+    vectors = text_cache.TextEncoder(str(directory), encoder=encoder).encode(
+        data.item_texts, config.data.item_max_length)
+  weights = {int(d): w for d, w in saved["fusion_weights"].items()}
+  return _served(config, data, text, settings, model, vectors, weights), data, step
+
+
+VECTORS_FILE = "item_vectors.npy"
+
+
+def _read_vectors(workdir: pathlib.Path, num_items: int):
+  try:
+    vectors = np.load(workdir / SUBDIR / VECTORS_FILE, allow_pickle=False)
+  except (OSError, ValueError):
+    return None
+  return vectors if vectors.ndim == 2 and len(vectors) == num_items else None
+
+
+def _write_vectors(workdir: pathlib.Path, vectors: np.ndarray) -> None:
+  path = workdir / SUBDIR / VECTORS_FILE
+  tmp = path.with_suffix(".tmp.npy")
+  np.save(tmp, vectors, allow_pickle=False)
+  tmp.replace(path)  # never a truncated file under the final name
+
+
+def _meta(stage1_meta):
+  return stage1_meta | {"model": stage1_meta["model"] | {"stage": "fine_tune"}}
+
+
+def train_and_evaluate(config, workdir) -> dict[str, Any]:
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  ft = config.fine_tune
+  data, text, stage1_settings, meta, hybrid = _stage1(config, workdir)
+  meta = _meta(meta)
+  settings = dataclasses.replace(stage1_settings, batch_size=ft.batch_size)
+  setup = training_setup(data, settings, text)
+  hybrid_graphdef, hybrid_params = nnx.split(hybrid.model)
+  checkpoint_dir, encoder = _encoder(config, workdir)
+  encoder_graphdef, encoder_params = nnx.split(encoder)
+  norm = {k: jnp.asarray(v, jnp.float32)
+          for k, v in standardizer(text, settings.text_pca_dim).items()}
+  ids, mask = _tokens(hf.load_tokenizer(checkpoint_dir), data.item_texts,
+                      config.data.item_max_length)
+  tx = _optimizer(ft, ft.epochs * sum(setup.steps_per_epoch.values()))
+  params = {"encoder": encoder_params, "hybrid": hybrid_params}
+  opt_state = tx.init(params)
+  steps = {}
+  for d in setup.examples:
+    lo, hi = int(data.offsets[d]), int(data.offsets[d + 1])
+    loss = _loss_fn(hybrid_graphdef, setup.tables, settings, data.domains[d]["task"], lo, hi,
+                    setup.num_train)
+    steps[d] = _make_step(loss, encoder_graphdef, tx, norm, setup.tables["text"],
+                          config.adversarial)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir / SUBDIR / "checkpoints", keep=1,
+                                       async_save=False)
+  try:
+    restored = checkpointer.restore(_params_abstract({"params": params, "opt_state": opt_state}),
+                                    expected_meta=meta)
+    epoch0, saved = 0, {}
+    if restored is not None:
+      epoch0, state, _, saved = restored
+      params, opt_state = state["params"], state["opt_state"]
+      print(f"Resuming stage 2 after epoch {epoch0} from {checkpointer.directory}", flush=True)
+    for epoch in range(epoch0, ft.epochs):
+      rng = np.random.default_rng([config.seed, epoch])  # the same batches when resumed
+      sums = {}
+      for d, batch in epoch_batches(data, setup, settings, rng):
+        rows = _refresh_rows(batch, data.num_items, ft.refresh_items)
+        safe = np.minimum(rows, data.num_items - 1)
+        tokens = {"rows": rows, "ids": ids[safe],
+                  "mask": mask[safe] * (rows < data.num_items)[:, None]}
+        params, opt_state, metrics = steps[d](params, opt_state, batch, tokens)
+        for key, value in metrics.items():
+          sums.setdefault(f"{data.names[d]}/{key}", []).append(value)
+      entry = {k: float(np.mean(jax.device_get(v))) for k, v in sums.items()}
+      print(f"  stage 2 epoch {epoch + 1}/{ft.epochs} " + " ".join(
+          f"{k} {v:.4g}" for k, v in entry.items()), flush=True)
+      if not all(np.isfinite(v) for v in entry.values()):
+        raise FloatingPointError(
+            f"stage 2: non-finite loss in epoch {epoch + 1} ({entry}); not checkpointed. Lower "
+            "fine_tune.encoder_learning_rate / fine_tune.learning_rate.")
+      if epoch + 1 < ft.epochs:  # the last epoch is saved below, with what serving needs
+        checkpointer.save(epoch + 1, {"params": params, "opt_state": opt_state}, None, meta)
+
+    # Serve what was trained: every item re-encoded by the tuned encoder, fusion re-tuned.
+    nnx.update(encoder, params["encoder"])
+    nnx.update(hybrid.model, params["hybrid"])
+    vectors = text_cache.TextEncoder(str(checkpoint_dir), encoder=encoder).encode(
+        data.item_texts, config.data.item_max_length)
+    model = _served(config, data, text, settings, hybrid.model, vectors,
+                    None if epoch0 < ft.epochs or "fusion_weights" not in saved else
+                    {int(d): w for d, w in saved["fusion_weights"].items()})
+    step = ft.epochs
+    if step not in checkpointer.all_steps():
+      if jax.process_index() == 0:
+        _write_vectors(workdir, vectors)
+      checkpointer.save(step, {"params": params, "opt_state": opt_state}, None, meta | {
+          "fusion_weights": {str(d): w for d, w in model.weights.items()}})
+  finally:
+    checkpointer.close()
+  results = stage1_run.evaluate_and_report(model, data, step, workdir / SUBDIR, "stage 2")
+  return {"step": step, "metrics": results, "model": model}

@@ -92,7 +92,7 @@ def _timed(label):
 # ------------------------------------------------------------------------------------------------
 # Explicit domains.
 
-def rating_section(data: InteractionData, text, args, results: Results, names):
+def rating_section(data: InteractionData, text, args, results: Results, names, base=None):
   explicit = [d for d in range(len(data.domains)) if data.task(d) == "rating"]
   if not explicit:
     return
@@ -128,7 +128,6 @@ def rating_section(data: InteractionData, text, args, results: Results, names):
     add("I-AutoRec", bl.AutoRec(seed=args.seed).fit(data))
 
   if not args.skip_model:
-    base = HybridSettings.defaults_for(data, seed=args.seed, overrides=args.hybrid)
     variants = {"ours (hybrid: text + ID + history)": base}
     if not args.no_ablations:
       variants |= {
@@ -184,7 +183,7 @@ def print_rating_tables(results: Results, domains, queries, counts):
 # ------------------------------------------------------------------------------------------------
 # Implicit domains.
 
-def ranking_section(data: InteractionData, text, args, results: Results, names):
+def ranking_section(data: InteractionData, text, args, results: Results, names, base=None):
   implicit = [d for d in range(len(data.domains)) if data.task(d) == "implicit"]
   if not implicit:
     return
@@ -225,7 +224,6 @@ def ranking_section(data: InteractionData, text, args, results: Results, names):
       add(TEXT_KNN, bl.TextKNN(text, k=args.text_knn_k).fit(data), need_valid=True)
 
   if not args.skip_model:
-    base = HybridSettings.defaults_for(data, seed=args.seed, overrides=args.hybrid)
     variants = {"ours, neural alone (text + ID + history)": (base, None)}
     if not args.no_ablations:
       variants |= {
@@ -333,6 +331,7 @@ def data_config(args, data_path: pathlib.Path, source: str):
   c.data.source = source
   c.data.path = str(data_path)
   c.data.data_dir = args.data_dir
+  c.hybrid.update(args.hybrid)  # our model's settings: HybridSettings.from_config, as in training
   if source == "movielens":
     c.data.split = "ratio"
     c.data.ratio = tuple(args.ratio)
@@ -407,13 +406,14 @@ def main(argv=None):
   print(f"bench_quality: {data_path} ({source}); jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind} x{jax.device_count()}, "
         f"{platform.processor() or platform.machine()}", flush=True)
-  data = InteractionData.from_builder(train.prepare_data(data_config(args, data_path, source)))
+  config = data_config(args, data_path, source)
+  data = InteractionData.from_builder(train.prepare_data(config))
   splits = dict(zip(*np.unique(data.split, return_counts=True)))
   print(f"data: {data.num_users} users, " + ", ".join(
       f"{s['name']} ({s['task']}) {len(ids)} items" for s, ids in zip(data.domains, data.item_ids)) +
         f"; interactions by split { {str(k): int(v) for k, v in splits.items()} } "
         f"({time.time() - t0:.0f}s)", flush=True)
-  text = None
+  text = settings = None
   if not args.skip_model:
     t = time.time()
     text = text_cache.cached_vectors(args.model, data.item_texts, args.item_max_length,
@@ -421,11 +421,11 @@ def main(argv=None):
     print(f"item text vectors: {args.model}, {len(data.item_texts)} items x {text.shape[1]}, "
           f"max {args.item_max_length} tokens ({time.time() - t:.0f}s; cached across runs)",
           flush=True)
-    settings = HybridSettings.defaults_for(data, seed=args.seed, overrides=args.hybrid)
+    settings = HybridSettings.from_config(config, data)
     print(f"our model: {settings}", flush=True)
   results = Results()
-  rating_section(data, text, args, results, data.names)
-  ranking_section(data, text, args, results, data.names)
+  rating_section(data, text, args, results, data.names, settings)
+  ranking_section(data, text, args, results, data.names, settings)
   if args.json:
     out = pathlib.Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

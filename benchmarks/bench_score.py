@@ -18,12 +18,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from crossrec_jax import cli
-from crossrec_jax import sharding
+from crossrec_jax import config_defaults, sharding
 from crossrec_jax.data import synthetic
 from crossrec_jax.data.processing import ProcessingConfig, user_profile
 from crossrec_jax.models import testing
@@ -54,12 +53,15 @@ def _scorer(args, devices):
   bert = BertConfig(vocab_size=len(tokenizer), **BERTS[args.bert])
   domains = (DomainSpec("books", "rating", 1, 5), DomainSpec("movies", "rating", 1, 5),
              DomainSpec("music", "implicit"))
-  model = CrossDomainRecommender(RecommenderConfig(bert=bert, domains=domains, dim=128,
-                                                   dtype=args.dtype), rngs=nnx.Rngs(0))
+  config = config_defaults.base_config()
+  # Text towers only (no hashed-ID tables), like the cross-encoder baseline.
+  config.model.update(dict(dim=128, user_buckets=0, item_buckets=0, dtype=args.dtype))
+  config.data.update(dict(user_max_length=args.user_len, item_max_length=args.item_len))
+  model = CrossDomainRecommender(RecommenderConfig.from_config(config, bert=bert, domains=domains),
+                                 rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   mesh = sharding.create_mesh({"data": -1}, devices)
   params = jax.device_put(nnx.to_pure_dict(params), sharding.replicated(mesh))
-  config = ml_collections.ConfigDict({"data": {"user_max_length": args.user_len, "item_max_length": args.item_len}})
   return Scorer(graphdef, params, model.config, config, tokenizer, mesh, batch_size=args.batch_size)
 
 

@@ -18,7 +18,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -71,23 +70,21 @@ def jax_examples_per_second(args, method, seq):
   config = config_defaults.base_config()
   config.adversarial.method = method
   config.train_steps = 1000
+  config.model.dtype = args.dtype  # the rest of config.model as in training (dim 128, 1024 buckets)
   user_len, item_len = seq, args.item_len
   bert = BertConfig(vocab_size=30522, **BERTS[args.bert])
   domains = (DomainSpec("books", "rating", 1, 5), DomainSpec("movies", "rating", 1, 5),
              DomainSpec("music", "implicit"))
-  model = CrossDomainRecommender(RecommenderConfig(bert=bert, domains=domains, dim=128,
-                                                   user_buckets=1024, item_buckets=1024,
-                                                   dtype=args.dtype), rngs=nnx.Rngs(0))
+  model = CrossDomainRecommender(RecommenderConfig.from_config(config, bert=bert, domains=domains),
+                                 rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model, nnx.Param)
   logical = sharding.logical_axes_tree(state)
-  params = nnx.to_pure_dict(state)
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
   mesh = sharding.create_mesh({"data": -1})
   tx = optim.create_optimizer(config, params)
-  abstract = jax.eval_shape(lambda p: steps.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p),
-                                                       jax.random.PRNGKey(0)), params)
-  shardings_ = steps.state_shardings(abstract, logical, tx, tuple(config.sharding_rules), mesh)
-  state = jax.jit(lambda p: steps.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0)),
-                  out_shardings=shardings_)(params)
+  shardings_ = steps.state_shardings(steps.abstract_train_state(params, tx), logical, tx,
+                                     tuple(config.sharding_rules), mesh)
+  state = steps.create_train_state(params, tx, shardings_, seed=config.seed)
   step = steps.jit_train_step(steps.make_train_step(graphdef, tx, steps.TaskTables.from_config(model.config), config),
                               shardings_, mesh)
   rng = np.random.default_rng(0)

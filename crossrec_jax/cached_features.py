@@ -62,14 +62,15 @@ class HybridSettings:
     return cls(**((IMPLICIT if implicit else EXPLICIT) | {"seed": seed} | dict(overrides or {})))
 
   @classmethod
-  def from_config(cls, c) -> "HybridSettings":
-    """From the ``hybrid`` ConfigDict of a training config (unknown keys are an error)."""
-    raw = dict(c)
+  def from_config(cls, config, data: InteractionData) -> "HybridSettings":
+    """A run's stage-1 settings: ``defaults_for`` the data with ``config.seed`` and the fields
+    ``config.hybrid`` sets (None keeps the default; an unknown field is an error)."""
+    overrides = {k: v for k, v in config.hybrid.items() if v is not None}
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - fields)
+    unknown = sorted(set(overrides) - fields)
     if unknown:
       raise ValueError(f"config.hybrid has unknown field(s) {unknown}; known: {sorted(fields)}")
-    return cls(**raw)
+    return cls.defaults_for(data, seed=config.seed, overrides=overrides)
 
 
 # Measured on MovieLens 100K (explicit ratings; full-batch Adam as in SVD++-style fits): the

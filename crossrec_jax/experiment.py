@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -23,7 +22,7 @@ from crossrec_jax.data import pipeline
 from crossrec_jax.data.from_config import (prepare_data, public_config_dict, resolve_link_secret,
                                           resolve_model_checkpoint, secret_description)
 from crossrec_jax.evaluator import Baselines
-from crossrec_jax.models import CrossDomainRecommender, DomainSpec, heads, hf
+from crossrec_jax.models import CrossDomainRecommender, DomainSpec, RecommenderConfig, heads, hf
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -71,12 +70,9 @@ def build_run(config, workdir, devices=None, secret=None) -> tuple[Run, Any]:
   workdir.mkdir(parents=True, exist_ok=True)
   model_dir = resolve_model_checkpoint(config, workdir)
   domains = tuple(DomainSpec(**d) for d in md["domains"])
-  m = config.model
   model = CrossDomainRecommender.from_pretrained(
-      str(model_dir), domains=domains, seed=config.seed, dim=m.dim, pooling=m.pooling,
-      user_buckets=m.user_buckets, item_buckets=m.item_buckets, tower_dim=m.tower_dim,
-      retrieval_dim=m.retrieval_dim, num_experts=m.num_experts, tied_init=m.tied_init,
-      dtype=m.dtype)
+      str(model_dir), domains=domains, seed=config.seed,
+      **RecommenderConfig.options_from_config(config))
   graphdef, params_state = nnx.split(model, nnx.Param)
   logical = sharding.logical_axes_tree(params_state)
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(params_state))
@@ -89,10 +85,7 @@ def build_run(config, workdir, devices=None, secret=None) -> tuple[Run, Any]:
   if config.batch_size % mesh.devices.size:
     raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {mesh.devices.size} devices")
   sources = builder.as_data_source()
-  pipe_config = pipeline.PipelineConfig(
-      batch_size=config.batch_size, user_max_length=config.data.user_max_length,
-      item_max_length=config.data.item_max_length, num_negatives=config.data.num_negatives,
-      user_buckets=m.user_buckets, item_buckets=m.item_buckets, seed=config.seed)
+  pipe_config = pipeline.PipelineConfig.from_config(config)
   catalog = pipeline.Catalog(sources["items"], [d.name for d in domains], tokenizer, pipe_config)
 
   # One pass over the train split: known IDs, item popularity (logQ) and the baselines.
@@ -115,8 +108,7 @@ def build_run(config, workdir, devices=None, secret=None) -> tuple[Run, Any]:
     rundir.write_known_ids(workdir, sorted(train_users), known_items)
 
   tx = optim.create_optimizer(config, params)
-  abstract_state = jax.eval_shape(lambda p: steps.TrainState(
-      jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0)), params)
+  abstract_state = steps.abstract_train_state(params, tx)
   shardings_ = steps.state_shardings(abstract_state, logical, tx, tuple(config.sharding_rules), mesh)
   meta = json.loads(json.dumps({
       "config": public_config_dict(config), "model": model.config.to_dict(),
@@ -138,12 +130,5 @@ def _start_ratings_at_train_mean(params, model_config, baselines) -> None:
 
 
 def init_state(run: Run, params) -> steps.TrainState:
-  global_params = jax.tree.map(
-      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]),
-      params, run.state_shardings.params)
-  rng = jax.random.PRNGKey(run.config.seed)
-
-  def init(p):
-    return steps.TrainState(jnp.zeros((), jnp.int32), p, run.tx.init(p), rng)
-
-  return jax.jit(init, out_shardings=run.state_shardings)(global_params)
+  """The run's initial train state from host ``params`` (as ``build_run`` returns them)."""
+  return steps.create_train_state(params, run.tx, run.state_shardings, seed=run.config.seed)

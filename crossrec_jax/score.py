@@ -73,23 +73,25 @@ def _read_inputs(users_path, items_path, scorer: Scorer, mapping_file: str | Non
                        f"({sorted(tasks)})")
   history = records_lib.read_interactions(pathlib.Path(users_path))
   history = records_lib.check_against_items(history, items, items_path)
-  config = scorer.config
+  config = _with_mapping(scorer.config, mapping_file)
+  secret = scorer.link_secret or link_secret.LinkSecret(
+      config.data.get("link_secret") or link_secret.DEMO_SECRET, "config")
+  # The same conversion and linkage training used: same profile caps, secret and mapping.
+  pconfig = processing_config(config, secret)
+  by_person, _, person_of = processing.linked_histories(history, pconfig)
+  return items, by_person, tasks, pconfig, person_of
+
+
+def _with_mapping(config, mapping_file):
+  """The training config with ``--mapping_file`` (if given) in place of its data.mapping_file,
+  checked to exist: without the mapping, users would be linked otherwise than in training."""
   if mapping_file is not None:
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.mapping_file = mapping_file
   if config.data.get("mapping_file") and not pathlib.Path(config.data.mapping_file).is_file():
     raise ScoringError(f"the model was trained with data.mapping_file={config.data.mapping_file}, "
                        "which does not exist here; pass --mapping_file with that mapping")
-  secret = scorer.link_secret or link_secret.LinkSecret(
-      config.data.get("link_secret") or link_secret.DEMO_SECRET, "config")
-  # The same conversion training used: same profile caps, same linkage (secret + mapping).
-  pconfig = processing_config(config, secret)
-  mapping = processing.read_mapping(pconfig.mapping_file) if pconfig.mapping_file else {}
-  person_of = lambda domain, user: mapping.get((domain, user), user)
-  by_person = collections.defaultdict(list)
-  for x in history:
-    by_person[person_of(x.domain, x.user_id)].append(x)
-  return items, by_person, tasks, pconfig, person_of
+  return config
 
 
 def _progress(total, desc):
@@ -195,9 +197,7 @@ def _run_stage1(checkpoint, users, items, output, fmt, *, pairs, top_k, domains,
     meta = rundir.newest_meta(checkpointer, checkpointer.all_steps())
   finally:
     checkpointer.close()
-  config = ml_collections.ConfigDict(meta["config"])
-  if mapping_file is not None:
-    config.data.mapping_file = mapping_file
+  config = _with_mapping(ml_collections.ConfigDict(meta["config"]), mapping_file)
   secret = rundir.scoring_secret(meta, secret_file)
   model, data, step = stage2.load(workdir, config, secret)  # stage 2's model if it ran
   print(f"Scoring with the stage-{2 if stage2.has_stage2(workdir) else 1} model of checkpoint step {step} of {ckpt_dir}", file=sys.stderr,
@@ -209,7 +209,7 @@ def _run_stage1(checkpoint, users, items, output, fmt, *, pairs, top_k, domains,
   item_table = records_lib.read_items(pathlib.Path(items))
   history = records_lib.check_against_items(records_lib.read_interactions(pathlib.Path(users)),
                                             item_table, items)
-  by_person, user_key, person_of = stage1_score.linked_histories(
+  by_person, user_key, person_of = processing.linked_histories(
       history, processing_config(config, secret))
   writer = _AtomicTableWriter(output, fmt)
   progress = _progress(None if pairs else len(by_person), "pairs" if pairs else "users")

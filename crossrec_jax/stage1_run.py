@@ -55,11 +55,6 @@ class Stage1Model:
     return self.hybrid.score_pairs(queries)
 
 
-def settings_from_config(config, data: InteractionData) -> HybridSettings:
-  overrides = {k: v for k, v in config.hybrid.items() if v is not None}
-  return HybridSettings.defaults_for(data, seed=config.seed, overrides=overrides)
-
-
 def fit_cf(data: InteractionData, config, text=None) -> dict[str, bl.Recommender]:
   """The fusion's non-network components; ``text``: the frozen encoder's item vectors, for the
   content-based text-kNN (the component that ranks items CF has not seen)."""
@@ -142,7 +137,7 @@ def _inputs(config, workdir: pathlib.Path, secret=None):
   data = InteractionData.from_builder(prepare_data(config, secret))
   text = text_cache.cached_vectors(str(resolve_model_checkpoint(config, workdir)), data.item_texts,
                                    config.data.item_max_length, cache_dir=workdir / "text_cache")
-  settings = settings_from_config(config, data)
+  settings = HybridSettings.from_config(config, data)
   model_meta = {"stage": "cached", "settings": dataclasses.asdict(settings),
                 "domains": data.domains, "num_users": data.num_users, "num_items": data.num_items,
                 "text_dim": int(text.shape[1])}

@@ -3,10 +3,10 @@
 ``stage1_run.load`` restores the network from the checkpoint and refits the CF parts on the same
 prepared data set (they are deterministic functions of its train split); the fusion weights are
 the ones tuned on valid. Users come as histories (the interactions layout): each is linked as in
-training (secret + mapping, through ``processing_config``); a user known to training keeps its ID
-rows, any other one is a cold user represented by its history, as at evaluation. Candidates are
-the items of the items file, which must belong to the trained catalog (a stage-1 model has item
-factors and CF similarities only for the items it was trained on).
+training (secret + mapping, through ``processing.linked_histories``); a user known to training
+keeps its ID rows, any other one is a cold user represented by its history, as at evaluation.
+Candidates are the items of the items file, which must belong to the trained catalog (a stage-1
+model has item factors and CF similarities only for the items it was trained on).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from crossrec_jax import ranking
-from crossrec_jax.data import processing
 from crossrec_jax.data.records import Interaction, Item, iter_rows
 from crossrec_jax.interactions import InteractionData, Queries
 from crossrec_jax.stage1_run import Stage1Model
@@ -181,14 +180,3 @@ def score_pairs(model: Stage1Model, data: InteractionData, by_person, user_key, 
 def _history_length(model: Stage1Model) -> int:
   s = model.hybrid.settings
   return s.history_length_all if model.hybrid.context == "all" else s.history_length
-
-
-def linked_histories(history: list[Interaction], pconfig: processing.ProcessingConfig):
-  """Histories grouped by person exactly as training linked users (mapping file, then the keyed
-  hash of the person), and ``user_key(person)`` / ``person_of(domain, user_id)``."""
-  mapping = processing.read_mapping(pconfig.mapping_file) if pconfig.mapping_file else {}
-  person_of = lambda domain, user: mapping.get((domain, user), user)
-  by_person = collections.defaultdict(list)
-  for x in history:
-    by_person[person_of(x.domain, x.user_id)].append(x)
-  return by_person, (lambda person: processing.link_key(pconfig.link_secret, person)), person_of

@@ -121,6 +121,28 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tables: TaskTabl
   return step
 
 
+def new_train_state(params, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+  """Step 0 of training ``params`` with ``tx`` (unsharded; see ``create_train_state``)."""
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
+
+
+def abstract_train_state(params, tx: optax.GradientTransformation) -> TrainState:
+  """Shapes and dtypes of the train state, nothing allocated (for shardings and restores)."""
+  return jax.eval_shape(lambda p: new_train_state(p, tx), params)
+
+
+def create_train_state(params, tx: optax.GradientTransformation, shardings_: TrainState,
+                       seed: int = 0) -> TrainState:
+  """The initial train state laid out by ``shardings_`` (see ``state_shardings``): the optimizer
+  state is created on the devices, sharded like the params, never replicated first.
+  ``params``: full host (numpy) arrays, identical on every process."""
+  global_params = jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]),
+      params, shardings_.params)
+  init = lambda p: new_train_state(p, tx, seed)
+  return jax.jit(init, out_shardings=shardings_)(global_params)
+
+
 def state_shardings(abstract_state: TrainState, logical_params, tx, rules, mesh) -> TrainState:
   """Params by their logical axes; optimizer moments like their params; the rest replicated."""
   del tx  # moments are matched to parameters by key path, whatever the optax nesting

@@ -236,8 +236,7 @@ def test_gradient_accumulation_averages_k_batches_into_one_update(tmp_path, data
       lambda p: jax.tree.map(jnp.zeros_like, p),
       lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
   grad_step = jax.jit(steps.make_train_step(run.graphdef, capture, tables, config))
-  g_state = steps.TrainState(jnp.zeros((), jnp.int32), params0, capture.init(params0),
-                             jax.random.PRNGKey(config.seed))
+  g_state = steps.new_train_state(params0, capture, config.seed)
   grads = []
   for b in batches:
     g_state, _ = grad_step(g_state, b)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from crossrec_jax import data as data_lib
-from crossrec_jax.data import labels, link_secret
+from crossrec_jax.data import link_secret
 from crossrec_jax.models import hf, testing
 
 
@@ -50,25 +50,14 @@ def public_config_dict(config) -> dict:
 
 def processing_config(config, secret: link_secret.LinkSecret | None = None
                       ) -> data_lib.ProcessingConfig:
-  """The one conversion from a run's config to data processing settings (training, evaluation
-  and scoring all build users and profiles through it)."""
-  d = config.data
-  secret = secret or resolve_link_secret(config)
-  return data_lib.ProcessingConfig(
-      link_secret=secret.value, mapping_file=d.mapping_file, split=d.split, ratio=tuple(d.ratio),
-      seed=config.seed, max_profile_items=d.max_profile_items,
-      max_items_per_domain=d.max_items_per_domain, max_profile_words=d.max_profile_words,
-      domains=tuple(d.domains),
-      # Declared labels (DOMAIN=MIN:MAX / DOMAIN=rating|implicit strings, settable from the CLI).
-      rating_scales=labels.parse_rating_scales(d.get("rating_scales", "")),
-      domain_tasks=labels.parse_domain_tasks(d.get("domain_tasks", "")))
+  """``ProcessingConfig.from_config`` with the secret resolved from the config when not given."""
+  return data_lib.ProcessingConfig.from_config(config, (secret or resolve_link_secret(config)).value)
 
 
 def prepare_data(config, secret: link_secret.LinkSecret | None = None):
   d = config.data
   processing = processing_config(config, secret)
-  synthetic = data_lib.SyntheticConfig(num_users=d.synthetic_users,
-                                       items_per_domain=d.items_per_domain, seed=config.seed)
+  synthetic = data_lib.SyntheticConfig.from_config(config)
   # Training evaluates on eval_split, else test_split: refuse data with neither at prepare.
   evaluated = tuple((split, key) for split, key in ((d.eval_split, "data.eval_split"),
                                                     (d.test_split, "data.test_split")) if split)

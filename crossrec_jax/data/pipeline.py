@@ -31,6 +31,15 @@ class PipelineConfig:
   item_buckets: int = 0
   seed: int = 0
 
+  @classmethod
+  def from_config(cls, config) -> "PipelineConfig":
+    """A run's input pipeline: batch and text lengths from ``config.data``, the hashed-ID
+    buckets from ``config.model`` (the model's ID tables and the batches must agree)."""
+    d, m = config.data, config.model
+    return cls(batch_size=config.batch_size, user_max_length=d.user_max_length,
+               item_max_length=d.item_max_length, num_negatives=d.num_negatives,
+               user_buckets=m.user_buckets, item_buckets=m.item_buckets, seed=config.seed)
+
 
 def stable_bucket(key: str, buckets: int) -> int:
   """Hash bucket of an ID, identical on every host and run (Python's hash() is salted)."""

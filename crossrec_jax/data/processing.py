@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from crossrec_jax.data import labels as labels_lib
 from crossrec_jax.data.records import DataError, Interaction, Item
 
 CONTEXT_SPLITS = ("train", "history")  # rows a profile may be built from
@@ -52,6 +53,21 @@ class ProcessingConfig:
   domain_tasks: tuple[tuple[str, str], ...] = ()
   domains: tuple[str, ...] = ()  # keep only these domains (empty: all)
   rating_scales: tuple[tuple[str, float, float], ...] = ()
+
+  @classmethod
+  def from_config(cls, config, link_secret: str) -> "ProcessingConfig":
+    """From a run's config (``config.data`` and ``config.seed``): the one conversion training,
+    evaluation and scoring build users and profiles through. ``link_secret``: the resolved
+    secret's value (data.from_config.processing_config resolves it from the config)."""
+    d = config.data
+    return cls(
+        link_secret=link_secret, mapping_file=d.mapping_file, split=d.split, ratio=tuple(d.ratio),
+        seed=config.seed, max_profile_items=d.max_profile_items,
+        max_items_per_domain=d.max_items_per_domain, max_profile_words=d.max_profile_words,
+        domains=tuple(d.domains),
+        # Declared labels (DOMAIN=MIN:MAX / DOMAIN=rating|implicit strings, settable from the CLI).
+        rating_scales=labels_lib.parse_rating_scales(d.get("rating_scales", "")),
+        domain_tasks=labels_lib.parse_domain_tasks(d.get("domain_tasks", "")))
 
 
 def _source_of(x: Interaction) -> str:
@@ -141,17 +157,32 @@ def link_key(secret: str, person_id: str) -> str:
   return hmac.new(secret.encode(), person_id.encode(), hashlib.sha256).hexdigest()[:32]
 
 
+def person_lookup(config: ProcessingConfig):
+  """``person_of(domain, user_id)``: the person a platform-local user is (the mapping file's
+  person_id, else the user_id itself). Training and scoring both link users through it."""
+  mapping = read_mapping(config.mapping_file) if config.mapping_file else {}
+  return lambda domain, user: mapping.get((domain, user), user)
+
+
+def linked_histories(history: Sequence[Interaction], config: ProcessingConfig):
+  """Histories grouped by person exactly as training linked users (mapping file, then the keyed
+  hash of the person), and ``user_key(person)`` / ``person_of(domain, user_id)``."""
+  person_of = person_lookup(config)
+  by_person = collections.defaultdict(list)
+  for x in history:
+    by_person[person_of(x.domain, x.user_id)].append(x)
+  return by_person, (lambda person: link_key(config.link_secret, person)), person_of
+
+
 def link_users(interactions: Sequence[Interaction], config: ProcessingConfig) -> dict[int, str]:
   """Maps each interaction's index to its user key (raw IDs are not kept)."""
   if not config.link_secret:
     raise DataError("link_secret is empty: user linkage needs a secret key (HMAC-SHA256); "
                     "resolve one with crossrec_jax.data.link_secret.resolve")
-  mapping = read_mapping(config.mapping_file) if config.mapping_file else None
+  person_of = person_lookup(config)
   keys, cache = {}, {}
   for i, x in enumerate(interactions):
-    person = x.user_id
-    if mapping is not None:
-      person = mapping.get((x.domain, x.user_id), x.user_id)
+    person = person_of(x.domain, x.user_id)
     if person not in cache:
       cache[person] = link_key(config.link_secret, person)
     keys[i] = cache[person]

@@ -46,6 +46,12 @@ class SyntheticConfig:
   cold_fraction: float = 0.2   # users with a single interaction in one domain (cold there)
   seed: int = 0
 
+  @classmethod
+  def from_config(cls, config) -> "SyntheticConfig":
+    """The generated data of a run with ``config.data.source = "synthetic"``."""
+    return cls(num_users=config.data.synthetic_users,
+               items_per_domain=config.data.items_per_domain, seed=config.seed)
+
 
 def vocabulary_words() -> list[str]:
   words = {w for g, (a, b) in GENRES.items() for w in (*g.split(), *a, *b)}

@@ -71,6 +71,19 @@ class RecommenderConfig:
     return dataclasses.asdict(self)
 
   @classmethod
+  def from_config(cls, config, *, bert: BertConfig,
+                  domains: Sequence[DomainSpec]) -> "RecommenderConfig":
+    """A run's model from its config (``config.model``), its encoder's and its data's domains."""
+    return cls(bert=bert, domains=tuple(domains), **cls.options_from_config(config))
+
+  @classmethod
+  def options_from_config(cls, config) -> dict[str, Any]:
+    """Every field but ``bert`` and ``domains``, from ``config.model`` (for
+    ``CrossDomainRecommender.from_pretrained``, which reads ``bert`` from the checkpoint)."""
+    return {f.name: config.model[f.name] for f in dataclasses.fields(cls)
+            if f.name not in ("bert", "domains")}
+
+  @classmethod
   def from_dict(cls, raw: dict[str, Any]) -> "RecommenderConfig":
     raw = dict(raw)
     raw["bert"] = BertConfig.from_dict(dict(raw["bert"]))

@@ -68,9 +68,8 @@ config = load_config("tiny" if SMALL else "demo")
 config.stage = "end_to_end"  # this notebook fine-tunes the encoder (stage 2; the demo's default is stage 1)
 if DATA_DIR:
     config.data.data_dir = DATA_DIR
-builder = data.prepare("synthetic", data_dir=config.data.data_dir or None,
-                       synthetic_config=data.SyntheticConfig(num_users=config.data.synthetic_users,
-                                                             items_per_domain=config.data.items_per_domain))
+from crossrec_jax.data.from_config import prepare_data
+builder = prepare_data(config)  # the data set training will read, prepared from the same config
 print(json.dumps(data.metadata(builder)["counts"], indent=1))
 example = builder.as_data_source()["test"][0]
 print("profile:", example["profile"].decode()[:300])

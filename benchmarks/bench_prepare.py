@@ -91,6 +91,12 @@ def _cpu() -> float:
   return own.user + own.system + children.ru_utime + children.ru_stime
 
 
+def _megabytes(directory: pathlib.Path) -> str:
+  """Size of the array_record shards under ``directory`` (compression changes it)."""
+  size = sum(p.stat().st_size for p in directory.rglob("*.array_record*"))
+  return f"{size / 1e6:.1f} MB of records"
+
+
 def _best(fn, repeats: int):
   best, result = None, None
   for _ in range(repeats):
@@ -135,7 +141,8 @@ def bench_prepare(root: pathlib.Path, rows: int, data_dir: pathlib.Path):
     load = stages["load_and_process"]
     print(f"prepare  {name:16s} {clock.cpu:7.1f} cpu s {rows / clock.cpu:9,.0f} rows/cpu s "
           f"(wall {clock.wall:.1f} s; read + process {load.cpu:.1f} cpu s, write "
-          f"{clock.cpu - load.cpu:.1f} cpu s)", flush=True)
+          f"{clock.cpu - load.cpu:.1f} cpu s; {_megabytes(data_dir / name.replace(' ', '_'))})",
+          flush=True)
   ratio = totals["tfds serializer"].cpu / totals["fast_write"].cpu
   print(f"prepare  ratio {ratio:.1f}x (CPU seconds)", flush=True)
   return totals
@@ -154,7 +161,8 @@ def bench_old_checkout(root: pathlib.Path, rows: int, old_src: str, data_dir: pa
   prepare_cpu = float(out.rsplit("prepare cpu", 1)[1].split()[0])
   print(f"prepare  old checkout     {clock.cpu:7.1f} cpu s {rows / clock.cpu:9,.0f} rows/cpu s "
         f"(wall {clock.wall:.1f} s; {old_src}; includes its interpreter start and imports; "
-        f"prepare alone {prepare_cpu:.1f} cpu s)", flush=True)
+        f"prepare alone {prepare_cpu:.1f} cpu s; {_megabytes(data_dir / 'old_checkout')})",
+        flush=True)
   if ours is not None:
     print(f"prepare  old checkout / fast_write: {prepare_cpu / ours.cpu:.1f}x (CPU seconds of "
           "prepare alone, imports excluded on both sides)", flush=True)

@@ -194,3 +194,29 @@ def test_fast_serialization_matches_tfds_on_edge_lengths():
   for record in records:
     assert tf_example_pb2.Example.FromString(serialize(record)) == tf_example_pb2.Example.FromString(
         reference.serialize_example(features.encode_example(record)))
+
+
+def test_array_record_compression_reads_back_like_tfds_default(tmp_path, monkeypatch):
+  """Shards are written with fast_write's options (snappy), and read back exactly as a data set
+  written with tfds's own options (zstd), so data sets prepared before the change still read."""
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.data import fast_write  # pylint: disable=import-outside-toplevel
+  (tmp_path / "src").mkdir()
+  path = _write(tmp_path / "src")
+  processing = ProcessingConfig(link_secret="s")
+  ours = builder.prepare("byo", str(path), data_dir=str(tmp_path / "ours"), processing=processing)
+  monkeypatch.setattr(fast_write, "ARRAY_RECORD_OPTIONS", "group_size:1")  # tfds's choice
+  default = builder.prepare("byo", str(path), data_dir=str(tmp_path / "default"),
+                            processing=processing)
+  for directory, expected in ((tmp_path / "ours", "snappy"), (tmp_path / "default", "zstd")):
+    shards = sorted(directory.rglob("*.array_record-*"))
+    assert shards
+    for shard in shards:
+      options = array_record_module.ArrayRecordReader(str(shard)).writer_options_string()
+      assert "group_size:1," in options and expected in options, (shard, options)
+  a, b = ours.as_data_source(), default.as_data_source()
+  assert sorted(a) == sorted(b)
+  for split in a:
+    assert len(a[split]) == len(b[split]) > 0
+    assert [repr(a[split][i]) for i in range(len(a[split]))] == [
+        repr(b[split][i]) for i in range(len(b[split]))]

@@ -210,7 +210,7 @@ def prepare(source: str = "synthetic", path: str = "", *, data_dir: str | None =
           _remove_stale_incomplete(root / "cross_domain")
           tfds.disable_progress_bar()  # our own bars: rows read, examples written
           builder.required_any_of = tuple(require_any_of)
-          with fast_write.pass_serialized_through():
+          with fast_write.pass_serialized_through(), fast_write.array_record_options():
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except BaseException:

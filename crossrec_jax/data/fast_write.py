@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
+import os
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -85,12 +87,13 @@ def _make_serialize(schema):
       entry = lambda v, key=key: _entry(key, b"\x1a" + _len(b"\x0a" + _len(varint(int(v)))))
       columns.append((name, kind, _Cache(entry)))
 
+  example_head = _Cache(lambda n: b"\x0a" + varint(n))
+
   def batch(records, defaults=None) -> list[Serialized]:
     defaults = defaults or {}
     pieces, lengths = [], np.zeros(len(records), np.int64)
     for name, kind, how in columns:
-      default = defaults.get(name)
-      values = [r[name] if name in r else default for r in records]
+      values = _column(records, name, defaults.get(name))
       if kind == _STRING:
         data = list(map(str.encode, values))
         sizes = list(map(len, data))
@@ -112,13 +115,21 @@ def _make_serialize(schema):
         entries = how.many([bool(v) if kind == _BOOL else int(v) for v in values])
         pieces.append(entries)
         lengths += np.fromiter(map(len, entries), np.int64, len(entries))
-    heads = [b"\x0a" + varint(n) for n in lengths.tolist()]
+    heads = example_head.many(lengths.tolist())
     return list(map(Serialized, map(b"".join, zip(heads, *pieces))))
 
   def serialize(record) -> Serialized:
     return batch([record])[0]
   serialize.batch = batch
   return serialize
+
+
+def _column(records, name: str, default) -> list:
+  """``name`` of every record; ``default`` where a record lacks it (e.g. history rows)."""
+  try:
+    return list(map(operator.itemgetter(name), records))  # the common case, at C speed
+  except KeyError:
+    return [r[name] if name in r else default for r in records]
 
 
 def _len(b: bytes) -> bytes:
@@ -217,3 +228,41 @@ def pass_serialized_through():
     _active[0] -= 1
     features_dict.FeaturesDict.encode_example = encode
     example_serializer.ExampleSerializer.serialize_example = serialize
+
+
+# group_size 1: training reads single records at random (grain), so each record stays its own
+# chunk. snappy instead of array_record's default zstd: ~2.5x less CPU per ~1 KB record and
+# faster reads, for ~20% more disk. The compression is in each file's header: readers take
+# files of either kind, including data sets prepared before this choice.
+ARRAY_RECORD_OPTIONS = "group_size:1,snappy"
+
+
+@contextlib.contextmanager
+def array_record_options(options: str | None = None):
+  """tfds writes its array_record shards with ``options`` (default ``ARRAY_RECORD_OPTIONS``;
+  tfds's own writer fixes 'group_size:1', i.e. zstd)."""
+  options = options or ARRAY_RECORD_OPTIONS
+  try:
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+    from tensorflow_datasets.core import file_adapters  # pylint: disable=import-outside-toplevel
+    adapter = file_adapters.ArrayRecordFileAdapter
+    original = adapter.__dict__["write_examples"]
+  except (ImportError, AttributeError, KeyError) as e:
+    log.warning("array_record options unavailable (%s); tfds's defaults are used", e)
+    yield
+    return
+
+  def write_examples(cls, path, iterator):
+    del cls
+    writer = array_record_module.ArrayRecordWriter(os.fspath(path), options)
+    try:
+      for _, serialized in iterator:
+        writer.write(serialized)
+    finally:
+      writer.close()
+
+  adapter.write_examples = classmethod(write_examples)
+  try:
+    yield
+  finally:
+    adapter.write_examples = original

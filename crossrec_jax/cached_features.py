@@ -201,9 +201,13 @@ def standardize(vectors: np.ndarray, pca_dim: int = 0) -> np.ndarray:
   the text geometry is kept and L2 penalties on projections mean the same for any encoder),
   with a zero padding row appended. ``pca_dim`` > 0 keeps that many principal components
   (cheaper projections on large catalogs)."""
-  m = standardizer(vectors, pca_dim)
-  v = vectors - m["mean"]
-  if m["projection"].shape[1] < v.shape[1]:
-    v = v @ m["projection"]
-  v = v / m["scale"]
+  v = apply_standardizer(vectors, standardizer(vectors, pca_dim))
   return np.vstack([v, np.zeros((1, v.shape[1]))]).astype(np.float32)
+
+
+def apply_standardizer(vectors, m):
+  """``standardizer``'s map on numpy or jax arrays (no padding row)."""
+  v = vectors - m["mean"]
+  if m["projection"].shape[1] < v.shape[1]:  # PCA; the identity is skipped
+    v = v @ m["projection"]
+  return v / m["scale"]

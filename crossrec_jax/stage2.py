@@ -31,7 +31,7 @@ from flax import nnx
 
 from crossrec_jax import adversarial, stage1_run, text_cache
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax.cached_features import standardizer
+from crossrec_jax.cached_features import apply_standardizer, standardizer
 from crossrec_jax.cached_training import (FittedHybrid, _loss_fn, epoch_batches,
                                           training_setup)
 from crossrec_jax.data.from_config import resolve_model_checkpoint
@@ -60,7 +60,7 @@ def _live_text(encoder_graphdef, encoder_params, tokens, norm, table, embed_delt
   hidden, _ = encoder(None, tokens["mask"], inputs_embeds=embeds)
   m = tokens["mask"].astype(hidden.dtype)[..., None]
   pooled = jnp.sum(hidden * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
-  live = ((pooled - norm["mean"]) @ norm["projection"]) / norm["scale"]
+  live = apply_standardizer(pooled, norm)
   return jax.lax.stop_gradient(table).at[tokens["rows"]].set(live, mode="drop")
 
 
@@ -135,14 +135,12 @@ def _encoder(config, workdir: pathlib.Path):
   return directory, hf.load_bert(directory)
 
 
-def _served(config, data, text, settings, hybrid_model, tuned_vectors, weights=None):
+def _served(config, data, text, settings, setup, hybrid_model, tuned_vectors, weights=None):
   """The served model: the tuned network over the tuned encoder's item vectors (mapped by
   stage 1's standardisation, which the network was trained with), fused with item-item CF;
   fusion weights tuned on valid unless given."""
-  setup = training_setup(data, settings, text)
-  m = standardizer(text, settings.text_pca_dim)
-  table = np.vstack([((tuned_vectors - m["mean"]) @ m["projection"]) / m["scale"],
-                     np.zeros((1, m["projection"].shape[1]))]).astype(np.float32)
+  mapped = apply_standardizer(tuned_vectors, standardizer(text, settings.text_pca_dim))
+  table = np.vstack([mapped, np.zeros((1, mapped.shape[1]))]).astype(np.float32)
   fitted = FittedHybrid(hybrid_model, data, settings, setup.context, jnp.asarray(table),
                         setup.tables["profile"], setup.profile_rows, [],
                         {"items": setup.tables["tags"], "users": setup.tables["user_tags"]})
@@ -180,7 +178,8 @@ def load(workdir, config, secret=None):
     final = [s for s in checkpointer.all_steps() if "fusion_weights" in checkpointer.read_meta(s)]
     data, text, settings, meta = stage1_run._inputs(config, workdir, secret)  # pylint: disable=protected-access
     settings = dataclasses.replace(settings, batch_size=config.fine_tune.batch_size)
-    model = training_setup(data, settings, text).model
+    setup = training_setup(data, settings, text)
+    model = setup.model
     directory, encoder = _encoder(config, workdir)
     params = {"encoder": nnx.split(encoder)[1], "hybrid": nnx.split(model)[1]}
     step, params, _, saved = checkpointer.restore(
@@ -195,7 +194,7 @@ def load(workdir, config, secret=None):
     vectors = text_cache.TextEncoder(str(directory), encoder=encoder).encode(
         data.item_texts, config.data.item_max_length)
   weights = {int(d): w for d, w in saved["fusion_weights"].items()}
-  return _served(config, data, text, settings, model, vectors, weights), data, step
+  return _served(config, data, text, settings, setup, model, vectors, weights), data, step
 
 
 VECTORS_FILE = "item_vectors.npy"
@@ -282,7 +281,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     nnx.update(hybrid.model, params["hybrid"])
     vectors = text_cache.TextEncoder(str(checkpoint_dir), encoder=encoder).encode(
         data.item_texts, config.data.item_max_length)
-    model = _served(config, data, text, settings, hybrid.model, vectors,
+    model = _served(config, data, text, settings, setup, hybrid.model, vectors,
                     None if epoch0 < ft.epochs or "fusion_weights" not in saved else
                     {int(d): w for d, w in saved["fusion_weights"].items()})
     step = ft.epochs

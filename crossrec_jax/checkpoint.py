@@ -1,5 +1,6 @@
 """Orbax checkpoints of a training run: train state + data-iterator state + a self-contained
-description (config, model config, tokenizer directory), keeping the last K and the best one.
+description (config, model config, tokenizer directory), keeping the last K and the best one;
+which way ``best_metric`` improves (``best_mode``) and early stopping on it (``EarlyStopping``).
 
 Items of a step: ``params`` (the model weights), ``state`` (the rest of the train state: step,
 optimizer state, rng), ``data_iter`` and ``meta`` (JSON). Serving restores ``params`` alone, so
@@ -21,6 +22,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from crossrec_jax import sharding
+from crossrec_jax.metrics import RATING_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,47 @@ class CheckpointIncompatibleError(RuntimeError):
   """A checkpoint that does not fit the model / config being restored."""
 
 
+def best_mode(config) -> str:
+  """"min" or "max": how ``config.best_metric`` improves (rating errors, rmse and mae, are always
+  minimised, whatever ``config.best_mode`` says)."""
+  if config.best_metric.split("/")[-1] in RATING_METRICS:
+    return "min"
+  return config.best_mode
+
+
+class EarlyStopping:
+  """Counts evaluations since ``metric`` last improved; stops after ``patience`` of them
+  (never when ``metric`` or ``patience`` is unset)."""
+
+  def __init__(self, metric: str, patience: int, mode: str = "max"):
+    self.metric, self.patience, self.mode = metric, patience, mode
+    self.best: float | None = None
+    self.evals_since_best = 0
+
+  @classmethod
+  def from_config(cls, config) -> "EarlyStopping":
+    return cls(config.best_metric, config.early_stopping_patience, best_mode(config))
+
+  def update(self, metrics: dict[str, float]) -> bool:
+    """Records one evaluation's ``{"domain/metric": value}``; True when training should stop."""
+    if not (self.metric and self.patience):
+      return False
+    value = metrics.get(self.metric)
+    if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
+      self.best, self.evals_since_best = value, 0
+    else:
+      self.evals_since_best += 1
+    return self.evals_since_best >= self.patience
+
+
 class Checkpointer:
+
+  @classmethod
+  def from_config(cls, config, directory) -> "Checkpointer":
+    """A training run's checkpointer: ``keep_checkpoints``, ``best_metric`` (its ``best_mode``)
+    and ``async_checkpointing`` of ``config``."""
+    return cls(directory, keep=config.keep_checkpoints, best_metric=config.best_metric,
+               best_mode=best_mode(config), async_save=config.async_checkpointing)
 
   def __init__(self, directory, *, keep: int = 2, best_metric: str = "", best_mode: str = "max",
                async_save: bool = True):

@@ -10,9 +10,9 @@ from typing import Any, Iterable
 from etils import epath
 
 from crossrec_jax.cli import ConfigError
+from crossrec_jax.metrics import RATING_METRICS
 
 K = 10  # the ranking cut-off of evaluation (HR@K, NDCG@K)
-RATING_METRICS = ("rmse", "mae")
 IMPLICIT_METRICS = ("auc", f"hr@{K}", f"ndcg@{K}")
 
 ENUMS: dict[str, tuple[str, ...]] = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+RATING_METRICS = ("rmse", "mae")  # errors: lower is better (a best_metric of these is minimised)
+
 
 def rmse(pred, label) -> float:
   return float(np.sqrt(np.mean(np.square(np.asarray(pred) - np.asarray(label)))))

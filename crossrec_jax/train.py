@@ -52,12 +52,7 @@ def _train_end_to_end(config, workdir, progress_marker) -> dict[str, Any]:
   run, params = build_run(config, workdir)
   workdir = run.workdir
   is_main = jax.process_index() == 0
-  best_mode = config.best_mode
-  if config.best_metric.split("/")[-1] in ("rmse", "mae"):
-    best_mode = "min"
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
-                                       best_metric=config.best_metric, best_mode=best_mode,
-                                       async_save=config.async_checkpointing)
+  checkpointer = ckpt_lib.Checkpointer.from_config(config, workdir / "checkpoints")
   restored = checkpointer.restore(ckpt_lib.abstract_like(run.abstract_state, run.state_shardings),
                                   expected_meta=run.meta)
   implicit = [i for i, d in enumerate(run.model_config.domains) if d.task == "implicit"]
@@ -114,7 +109,7 @@ def _train_end_to_end(config, workdir, progress_marker) -> dict[str, Any]:
     progress.set_postfix(loss=f"{means['loss']:.4f}", **({"ex_s": f"{rate:.1f}"} if rate else {}))
 
   start = int(sharding.to_host(state.step))
-  best, evals_since_best, last_results = None, 0, {}
+  early_stopping, last_results = ckpt_lib.EarlyStopping.from_config(config), {}
   progress = progress_bar(start, config.train_steps, is_main)
   window = TrainWindow()
   step = start
@@ -155,15 +150,12 @@ def _train_end_to_end(config, workdir, progress_marker) -> dict[str, Any]:
       if at_eval:
         last_results = evaluate(step, eval_split)
         eval_metrics = _flatten(last_results)
-        if config.best_metric and config.early_stopping_patience:
-          value = eval_metrics.get(config.best_metric)
-          better = best is None or (value < best if best_mode == "min" else value > best)
-          best, evals_since_best = (value, 0) if better else (best, evals_since_best + 1)
-          if evals_since_best >= config.early_stopping_patience:
-            print(f"\nEarly stopping at step {step}: {config.best_metric} has not improved "
-                  f"for {evals_since_best} evaluations (best {best:.4f}).")
-            save(step, eval_metrics)
-            break
+        if early_stopping.update(eval_metrics):
+          print(f"\nEarly stopping at step {step}: {config.best_metric} has not improved "
+                f"for {early_stopping.evals_since_best} evaluations "
+                f"(best {early_stopping.best:.4f}).")
+          save(step, eval_metrics)
+          break
       if at_checkpoint or at_eval:
         save(step, eval_metrics if config.best_metric else None)
       window.restart_clock()  # logging, evaluation and saving are not training time

@@ -454,6 +454,48 @@ def test_checkpointer_keeps_the_last_k_and_the_best(tmp_path):
   assert checkpointer.all_steps() == [2, 4, 5]  # the best (step 2) and the latest 2
 
 
+def test_best_mode_and_early_stopping_from_the_config():
+  rating = load_config(best_metric="books/rmse", best_mode="max", early_stopping_patience=2)
+  assert ckpt_lib.best_mode(rating) == "min"  # rating errors are minimised whatever best_mode says
+  stopper = ckpt_lib.EarlyStopping.from_config(rating)
+  assert [stopper.update({"books/rmse": v}) for v in (1.0, 0.8, 0.9, 0.8)] == [False] * 3 + [True]
+  assert (stopper.best, stopper.evals_since_best) == (0.8, 2)  # a tie is no improvement
+  ranking = ckpt_lib.EarlyStopping.from_config(load_config(best_metric="music/ndcg@10",
+                                                           early_stopping_patience=2))
+  assert [ranking.update({"music/ndcg@10": v}) for v in (0.1, 0.2, 0.1, 0.3)] == [False] * 4
+  disabled = ckpt_lib.EarlyStopping.from_config(load_config(best_metric="music/ndcg@10"))
+  assert not any(disabled.update({"music/ndcg@10": 0.1}) for _ in range(5))
+
+
+def test_checkpointer_from_config_keeps_the_best_by_best_mode(tmp_path):
+  config = load_config(best_metric="books/rmse", keep_checkpoints=1)  # rmse: the lowest is best
+  checkpointer = ckpt_lib.Checkpointer.from_config(config, tmp_path / "ckpt")
+  for step, value in zip(range(1, 5), (0.9, 0.2, 0.5, 0.7)):
+    checkpointer.save(step, {"w": np.zeros(3, np.float32)}, None, {"model": {}}, {"books/rmse": value})
+  checkpointer.close()
+  assert checkpointer.all_steps() == [2, 4]
+
+
+def test_training_stops_early_when_best_metric_stops_improving(tmp_path, data_dir, monkeypatch,
+                                                                capsys):
+  class ConstantEvaluator:  # every evaluation the same: no improvement after the first
+    def __init__(self, *args):
+      pass
+
+    def evaluate(self, *args, **kwargs):
+      return {"music": {"n": 8, "auc": 0.5, "hr@10": 0.5, "ndcg@10": 0.5}}
+
+  monkeypatch.setattr(train, "Evaluator", ConstantEvaluator)
+  config = load_config(**{"data.data_dir": data_dir, "eval_every": 1, "checkpoint_every": 0,
+                          "best_metric": "music/ndcg@10", "early_stopping_patience": 2,
+                          "adversarial.method": "none"})
+  result = train.train_and_evaluate(config, tmp_path / "run")
+  assert result["step"] == 3  # evaluations at steps 1 (the best), 2 and 3
+  assert "Early stopping at step 3: music/ndcg@10 has not improved for 2 evaluations" in (
+      capsys.readouterr().out)
+  assert max(_saved_steps(tmp_path / "run")) == 3  # the step it stopped at is saved
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data_dir):
   """A finished 6-step run (checkpoints 3 and 6), copied by the tests that damage it."""

@@ -106,26 +106,40 @@ def drop_duplicates(interactions: Sequence[Interaction], keys: Sequence[str]):
   Earlier repeats are dropped and counted: kept, they would sit in the profile of the row that
   is their own evaluation target, label included. Returns (interactions, keys, dropped per domain).
   """
-  n = len(interactions)
-  triples = list(zip(keys, [x.domain for x in interactions], [x.item_id for x in interactions]))
-  code = {t: c for c, t in enumerate(dict.fromkeys(triples))}
-  if len(code) == n:
+  by_order, last = _last_of_groups(interactions, keys, with_item=True)
+  if last.all():
     return interactions, keys, {}
-  group = np.fromiter(map(code.__getitem__, triples), np.int64, n)
-  by_order = np.lexsort((np.arange(n), _orders(interactions), group))  # group, order, file order
-  last = by_order[np.append(group[by_order][1:] != group[by_order][:-1], True)]
-  kept = np.sort(last).tolist()
-  kept_set = set(kept)
-  dropped = collections.Counter(x.domain for i, x in enumerate(interactions) if i not in kept_set)
-  example = next(x for i, x in enumerate(interactions) if i not in kept_set)
+  kept = np.sort(by_order[last]).tolist()
+  gone = np.sort(by_order[~last]).tolist()
+  dropped = collections.Counter(interactions[i].domain for i in gone)
+  example = interactions[gone[0]]
   log.warning("%d repeated (user, domain, item) row(s) dropped, keeping the latest of each "
               "(by timestamp/position, file order on ties): %s; first dropped: %s",
               sum(dropped.values()), dict(dropped), example.place or example.item_id)
   return [interactions[i] for i in kept], [keys[i] for i in kept], dict(dropped)
 
 
-def _orders(interactions: Sequence[Interaction]) -> np.ndarray:
-  return np.fromiter((x.order for x in interactions), np.float64, len(interactions))
+def _codes(values) -> np.ndarray:
+  """Each value's index among the distinct values, in order of first appearance."""
+  values = list(values)
+  code = {v: c for c, v in enumerate(dict.fromkeys(values))}
+  return np.fromiter(map(code.__getitem__, values), np.int64, len(values))
+
+
+def _last_of_groups(interactions: Sequence[Interaction], keys: Sequence[str], with_item: bool):
+  """Rows by (user, domain[, item]), then order, then file order; and a mask over that
+  ordering that marks each group's last row."""
+  n = len(interactions)
+  columns = [np.arange(n), np.fromiter((x.order for x in interactions), np.float64, n)]
+  if with_item:
+    columns.append(_codes(x.item_id for x in interactions))
+  columns += [_codes(x.domain for x in interactions), _codes(keys)]
+  by_order = np.lexsort(columns)
+  same = np.ones(max(n - 1, 0), bool)
+  for c in columns[2:]:
+    c = c[by_order]
+    same &= c[1:] == c[:-1]
+  return by_order, np.append(~same, True) if n else np.zeros(0, bool)
 
 
 def _no_train_rows(interactions, splits, keys, mode) -> str:
@@ -213,18 +227,13 @@ def assign_splits(interactions: Sequence[Interaction], user_keys: Sequence[str],
   if mode == "leave_last_out":
     # Per (user, domain), by order (file order on ties): the last row is test and, in groups
     # of 3 or more, the one before it valid.
-    n = len(interactions)
-    pairs = list(zip(user_keys, [x.domain for x in interactions]))
-    code = {p: c for c, p in enumerate(dict.fromkeys(pairs))}
-    group = np.fromiter(map(code.__getitem__, pairs), np.int64, n)
-    by_order = np.lexsort((np.arange(n), _orders(interactions), group))
-    sorted_group = group[by_order]
-    last = np.append(sorted_group[1:] != sorted_group[:-1], True)
+    by_order, last = _last_of_groups(interactions, user_keys, with_item=False)
+    group = np.cumsum(np.append(True, last[:-1]))  # each row's group, in that ordering
     before_last = np.append(last[1:], False) & ~last
-    big = np.bincount(group, minlength=len(code)) >= 3
-    out = np.full(n, "train", dtype=object)
+    big = (np.bincount(group) >= 3)[group]
+    out = np.full(len(interactions), "train", dtype=object)
     out[by_order[last]] = "test"
-    out[by_order[before_last & big[sorted_group]]] = "valid"
+    out[by_order[before_last & big]] = "valid"
     return out.tolist()
   raise DataError(f"unknown split mode {config.split!r}; use auto, given, leave_last_out or ratio")
 
@@ -271,45 +280,47 @@ def user_profile(history: Sequence[Interaction], items: dict[tuple[str, str], It
                          for x in reversed(ordered)), config)
 
 
-def _entries(domains: list[str], item_ids: list[str], labels: list[float], items,
+def _entries(pair: np.ndarray, pairs: list[tuple[str, str]], labels: list[float], items,
              tasks: dict[str, str], config: ProcessingConfig) -> list[tuple[str, str, int]]:
-  """Each row's profile entry (domain, line, word count), as ``_item_line`` writes the line:
-  each distinct line is built and its words counted once, however many users and targets it
-  appears for."""
+  """Each row's profile entry (domain, line, word count), as ``_item_line`` writes the line,
+  for rows of item ``pairs[pair[k]]`` and label ``labels[k]``: each distinct line is built and
+  its words counted once, however many users and targets it appears for."""
   # A rating line writes '-0' for -0.0, which equals 0.0: a zero label's key carries its sign.
   label_keys = [y if y else (y, math.copysign(1.0, y)) for y in labels]
-  rating = {k: config.rating_template.format(label=k[0] if isinstance(k, tuple) else k)
-            for k in set(label_keys)}
-  rated = {d: tasks[d] == "rating" for d in set(domains)}
-  ratings = [rating[k] if rated[d] else "" for d, k in zip(domains, label_keys)]
-  keys = list(zip(domains, item_ids, ratings))
-  entry = {}
+  label_code = {k: c for c, k in enumerate(dict.fromkeys(label_keys))}
+  ratings = [config.rating_template.format(label=k[0] if isinstance(k, tuple) else k)
+             for k in label_code] + [""]  # the last: no rating (implicit domains)
+  rated = np.asarray([tasks[d] == "rating" for d, _ in pairs], bool)
+  rating = np.where(rated[pair], np.fromiter(map(label_code.__getitem__, label_keys), np.int64,
+                                             len(labels)), len(ratings) - 1)
+  distinct, row_entry = np.unique(pair * len(ratings) + rating, return_inverse=True)
   fields = list(string.Formatter().parse(config.item_template))
+  entries = []
   if (fields and fields[-1][1:] == ("rating", "", None)
       and sum(f[1] == "rating" for f in fields) == 1):
     # '...{rating}' (the default): a line is its item's text part plus the rating, so each
     # item's part is formatted and its words counted once.
     part = {}
-    for domain, item_id in dict.fromkeys(zip(domains, item_ids)):
+    for p in np.unique(distinct // len(ratings)).tolist():
+      domain, item_id = pairs[p]
       text = items[(domain, item_id)].text or f"item {item_id}"
-      p = config.item_template.format(domain=domain, text=text, rating="")
-      part[(domain, item_id)] = p, len(p.split()), not p or p[-1].isspace()
+      line = config.item_template.format(domain=domain, text=text, rating="")
+      part[p] = domain, line, len(line.split()), not line or line[-1].isspace()
     # A rating that starts with a space (or follows one) adds its own words; else the two
     # parts' words may run together and the line is counted whole.
-    rating_words = {r: (len(r.split()), not r or r[0].isspace()) for r in set(ratings)}
-    for key in dict.fromkeys(keys):
-      domain, item_id, r = key
-      p, words, open_end = part[(domain, item_id)]
+    rating_words = [(len(r.split()), not r or r[0].isspace()) for r in ratings]
+    for p, r in zip(*(v.tolist() for v in np.divmod(distinct, len(ratings)))):
+      domain, text, words, open_end = part[p]
       more, opens = rating_words[r]
-      line = p + r
-      entry[key] = (domain, line, words + more if open_end or opens else len(line.split()))
+      line = text + ratings[r]
+      entries.append((domain, line, words + more if open_end or opens else len(line.split())))
   else:
-    for key in dict.fromkeys(keys):
-      domain, item_id, r = key
+    for p, r in zip(*(v.tolist() for v in np.divmod(distinct, len(ratings)))):
+      domain, item_id = pairs[p]
       text = items[(domain, item_id)].text or f"item {item_id}"
-      line = config.item_template.format(domain=domain, text=text, rating=r)
-      entry[key] = (domain, line, len(line.split()))
-  return list(map(entry.__getitem__, keys))
+      line = config.item_template.format(domain=domain, text=text, rating=ratings[r])
+      entries.append((domain, line, len(line.split())))
+  return list(map(entries.__getitem__, row_entry.reshape(-1).tolist()))
 
 
 class Records(collections.abc.Sequence):
@@ -404,8 +415,8 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
 
   profiles = _profiles(by_user, run_user, run_start, run_end, by_domain,
                        domain_key // n_ranks, n_domains, earlier, t_user,
-                       _entries(pick(domains, context_rows), pick(item_ids, context_rows),
-                                pick(labels, context_rows), items, task, config), config)
+                       _entries(pair[by_user], list(pair_code), pick(labels, context_rows),
+                                items, task, config), config)
 
   # Ranking evaluation excludes the user's earlier items of the target domain, newest first.
   implicit = np.asarray([task[s["name"]] == "implicit" for s in specs], bool)[t_domain]
@@ -455,7 +466,8 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
                    "item_in_train": (d, i) in train_items}
                   for (d, i), it in sorted(items.items()) if d in index]
   return {"examples": examples, "items": item_records, "domains": specs,
-          "counts": _counts(domains, splits, keys, item_records), "duplicates": duplicates}
+          "counts": _counts(domain, list(index), splits, user, item_records),
+          "duplicates": duplicates}
 
 
 def _profiles(by_user, run_user, run_start, run_end, by_domain, domain_group, n_domains: int,
@@ -496,12 +508,23 @@ def _profiles(by_user, run_user, run_start, run_end, by_domain, domain_group, n_
   return out
 
 
-def _counts(domains, splits, keys, item_records) -> dict[str, Any]:
-  per_domain = collections.defaultdict(dict)
-  for (d, s), n in collections.Counter(zip(domains, splits)).items():
-    per_domain[d][s] = n
-  users = collections.Counter(d for d, _ in set(zip(domains, keys)))
+def _counts(domain: np.ndarray, names: list[str], splits: list[str], user: np.ndarray,
+            item_records) -> dict[str, Any]:
+  """Users, items and interactions per split of each domain (``domain``: rows' indices into
+  ``names``); splits listed in order of first appearance in the domain, as a counter would."""
+  split_names = list(dict.fromkeys(splits))
+  split = _codes(splits)
+  group = domain * len(split_names) + split
+  groups, first, sizes = np.unique(group, return_index=True, return_counts=True)
+  per_domain = {d: {} for d in names}
+  for g, n in sorted(zip(groups.tolist(), sizes.tolist()), key=lambda gn: first[
+      np.searchsorted(groups, gn[0])]):
+    per_domain[names[g // len(split_names)]][split_names[g % len(split_names)]] = n
+  users = np.bincount(np.unique(domain * (int(user.max()) + 1) + user) // (int(user.max()) + 1),
+                      minlength=len(names))
   items = collections.Counter(r["domain"] for r in item_records)
-  return {"users": len(set(keys)),
-          "domains": {d: {"users": users[d], "items": items[d],
-                          "interactions": per_domain[d]} for d in sorted(per_domain)}}
+  return {"users": int(user.max()) + 1,
+          "domains": {d: {"users": int(users[k]), "items": items[d],
+                          "interactions": per_domain[d]}
+                      for k, d in sorted(enumerate(names), key=lambda kd: kd[1])
+                      if per_domain[d]}}

@@ -78,20 +78,25 @@ def _source_of(x: Interaction) -> str:
   return place.rsplit(":", 1)[0] if ":line " in place or ":row " in place else place
 
 
-def _domain_spec_dicts(interactions: Sequence[Interaction], config: ProcessingConfig):
+def _domain_spec_dicts(interactions: Sequence[Interaction], config: ProcessingConfig,
+                       domains: list[str] | None = None, labels: list[float] | None = None):
   tasks = dict(config.domain_tasks)
   scales = {d: (lo, hi) for d, lo, hi in config.rating_scales}
-  labels, first = collections.defaultdict(list), {}
-  for x in interactions:
-    labels[x.domain].append(x.label)
-    first.setdefault(x.domain, x)
+  domains = [x.domain for x in interactions] if domains is None else domains
+  labels = [x.label for x in interactions] if labels is None else labels
+  names = sorted(set(domains))
+  code = {d: i for i, d in enumerate(names)}
+  domain = np.fromiter(map(code.__getitem__, domains), np.int64, len(domains))
+  by_domain = np.argsort(domain, kind="stable")
+  ends = np.cumsum(np.bincount(domain, minlength=len(names)))
+  all_values = np.asarray(labels)
   specs = []
-  for domain in sorted(labels):
-    values = np.asarray(labels[domain])
+  for k, domain in enumerate(names):
+    values = all_values[by_domain[ends[k - 1] if k else 0:ends[k]]]
     task = tasks.get(domain) or ("implicit" if np.all(np.isin(values, (0.0, 1.0))) else "rating")
     lo, hi = scales.get(domain, (math.floor(values.min()), math.ceil(values.max())))
     if task == "rating" and lo >= hi:
-      source = _source_of(first[domain]) or "the data"
+      source = _source_of(interactions[domains.index(domain)]) or "the data"
       raise DataError(f"{source}: all ratings of domain {domain!r} equal {lo:g}, so its rating "
                       f"scale cannot be inferred; declare it: data.rating_scales='{domain}=1:5' "
                       f"(ProcessingConfig.rating_scales), or data.domain_tasks='{domain}=implicit'")
@@ -106,37 +111,47 @@ def drop_duplicates(interactions: Sequence[Interaction], keys: Sequence[str]):
   Earlier repeats are dropped and counted: kept, they would sit in the profile of the row that
   is their own evaluation target, label included. Returns (interactions, keys, dropped per domain).
   """
-  by_order, last = _last_of_groups(interactions, keys, with_item=True)
-  if last.all():
+  kept, dropped = _deduplicate(interactions, _orders(interactions), _codes(keys),
+                               _codes([x.domain for x in interactions]),
+                               _codes([x.item_id for x in interactions]))
+  if kept is None:
     return interactions, keys, {}
-  kept = np.sort(by_order[last]).tolist()
+  kept = kept.tolist()
+  return [interactions[i] for i in kept], [keys[i] for i in kept], dropped
+
+
+def _deduplicate(interactions, order, user, domain, item):
+  """``drop_duplicates`` on integer codes: (the kept rows in file order, or None when no row is
+  repeated; dropped rows per domain)."""
+  by_order, last = _last_of_groups(order, user, domain, item)
+  if last.all():
+    return None, {}
   gone = np.sort(by_order[~last]).tolist()
   dropped = collections.Counter(interactions[i].domain for i in gone)
   example = interactions[gone[0]]
   log.warning("%d repeated (user, domain, item) row(s) dropped, keeping the latest of each "
               "(by timestamp/position, file order on ties): %s; first dropped: %s",
               sum(dropped.values()), dict(dropped), example.place or example.item_id)
-  return [interactions[i] for i in kept], [keys[i] for i in kept], dict(dropped)
+  return np.sort(by_order[last]), dict(dropped)
 
 
-def _codes(values) -> np.ndarray:
+def _orders(interactions: Sequence[Interaction]) -> np.ndarray:
+  return np.asarray([x.order for x in interactions], np.float64)
+
+
+def _codes(values: list) -> np.ndarray:
   """Each value's index among the distinct values, in order of first appearance."""
-  values = list(values)
   code = {v: c for c, v in enumerate(dict.fromkeys(values))}
   return np.fromiter(map(code.__getitem__, values), np.int64, len(values))
 
 
-def _last_of_groups(interactions: Sequence[Interaction], keys: Sequence[str], with_item: bool):
-  """Rows by (user, domain[, item]), then order, then file order; and a mask over that
-  ordering that marks each group's last row."""
-  n = len(interactions)
-  columns = [np.arange(n), np.fromiter((x.order for x in interactions), np.float64, n)]
-  if with_item:
-    columns.append(_codes(x.item_id for x in interactions))
-  columns += [_codes(x.domain for x in interactions), _codes(keys)]
-  by_order = np.lexsort(columns)
+def _last_of_groups(order: np.ndarray, *groups: np.ndarray):
+  """Rows by ``groups`` (integer codes, the first the outermost), then order, then file order;
+  and a mask over that ordering that marks each group's last row."""
+  n = len(order)
+  by_order = np.lexsort((np.arange(n), order, *reversed(groups)))
   same = np.ones(max(n - 1, 0), bool)
-  for c in columns[2:]:
+  for c in groups:
     c = c[by_order]
     same &= c[1:] == c[:-1]
   return by_order, np.append(~same, True) if n else np.zeros(0, bool)
@@ -196,18 +211,28 @@ def linked_histories(history: Sequence[Interaction], config: ProcessingConfig):
 
 def link_users(interactions: Sequence[Interaction], config: ProcessingConfig) -> list[str]:
   """Each interaction's user key, by index (raw IDs are not kept)."""
+  return _link_keys([x.domain for x in interactions], [x.user_id for x in interactions], config)
+
+
+def _link_keys(domains: list[str], user_ids: list[str], config: ProcessingConfig) -> list[str]:
   if not config.link_secret:
     raise DataError("link_secret is empty: user linkage needs a secret key (HMAC-SHA256); "
                     "resolve one with crossrec_jax.data.link_secret.resolve")
-  person_of = person_lookup(config)
-  people = list(map(person_of, [x.domain for x in interactions],
-                    [x.user_id for x in interactions]))
+  people = (list(map(person_lookup(config), domains, user_ids)) if config.mapping_file
+            else user_ids)  # without a mapping file, each user_id is its own person
   key_of = {person: link_key(config.link_secret, person) for person in dict.fromkeys(people)}
   return list(map(key_of.__getitem__, people))
 
 
 def assign_splits(interactions: Sequence[Interaction], user_keys: Sequence[str],
                   config: ProcessingConfig) -> list[str]:
+  return _assign_splits(interactions, config, lambda: (
+      _orders(interactions), _codes(list(user_keys)), _codes([x.domain for x in interactions])))
+
+
+def _assign_splits(interactions: Sequence[Interaction], config: ProcessingConfig,
+                   groups) -> list[str]:
+  """``assign_splits``; ``groups()``: the rows' orders, user codes and domain codes."""
   given = [x.split for x in interactions]
   mode = config.split
   if mode == "auto":
@@ -225,9 +250,11 @@ def assign_splits(interactions: Sequence[Interaction], user_keys: Sequence[str],
     u = np.random.default_rng(config.seed).random(len(interactions))
     return np.where(u < train, "train", np.where(u < train + valid, "valid", "test")).tolist()
   if mode == "leave_last_out":
+    if not interactions:
+      return []
     # Per (user, domain), by order (file order on ties): the last row is test and, in groups
     # of 3 or more, the one before it valid.
-    by_order, last = _last_of_groups(interactions, user_keys, with_item=False)
+    by_order, last = _last_of_groups(*groups())
     group = np.cumsum(np.append(True, last[:-1]))  # each row's group, in that ordering
     before_last = np.append(last[1:], False) & ~last
     big = (np.bincount(group) >= 3)[group]
@@ -358,36 +385,50 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
   the target's domain the same way. Done column-wise (numpy sorts and binary searches over
   all users at once); only the profile strings are joined one target at a time.
   """
-  specs = _domain_spec_dicts(interactions, config)
+  domains = [x.domain for x in interactions]
+  labels = [x.label for x in interactions]
+  specs = _domain_spec_dicts(interactions, config, domains, labels)
   task = {s["name"]: s["task"] for s in specs}
   index = {s["name"]: i for i, s in enumerate(specs)}
-  keys = link_users(interactions, config)
-  interactions, keys, duplicates = drop_duplicates(interactions, keys)
-  splits = assign_splits(interactions, keys, config)
+  keys = _link_keys(domains, [x.user_id for x in interactions], config)
+  item_ids = [x.item_id for x in interactions]
+  orders = [x.order for x in interactions]
+  n = len(interactions)
+  pick = lambda values, rows: list(map(values.__getitem__, rows))
+  user = _codes(keys)  # users in order of first appearance, as examples are written
+  domain = np.fromiter(map(index.__getitem__, domains), np.int64, n)
+  item_names = list(dict.fromkeys(item_ids))
+  item = _codes(item_ids)
+  order = np.asarray(orders, np.float64)
+  kept, duplicates = _deduplicate(interactions, order, user, domain, item)
+  if kept is not None:
+    user, domain, item, order = user[kept], domain[kept], item[kept], order[kept]
+    kept = kept.tolist()
+    interactions, keys, domains, item_ids, labels, orders = (
+        pick(v, kept) for v in (interactions, keys, domains, item_ids, labels, orders))
+    n = len(interactions)
+    distinct, first = np.unique(user, return_index=True)  # renumber by first appearance
+    renumber = np.empty(int(distinct[-1]) + 1, np.int64)
+    renumber[distinct[np.argsort(first)]] = np.arange(len(distinct))
+    user = renumber[user]
+  splits = _assign_splits(interactions, config, lambda: (order, user, domain))
   if "train" not in splits:
     raise DataError(_no_train_rows(interactions, splits, keys, config.split))
 
-  n = len(interactions)
-  domains = [x.domain for x in interactions]
-  item_ids = [x.item_id for x in interactions]
-  labels = [x.label for x in interactions]
-  orders = [x.order for x in interactions]
-  pick = lambda values, rows: list(map(values.__getitem__, rows))
-  codes = lambda values: {v: c for c, v in enumerate(dict.fromkeys(values))}
-  as_codes = lambda code, values: np.fromiter(map(code.__getitem__, values), np.int64, n)
-  user_code = codes(keys)  # users in order of first appearance, as examples are written
-  pair_code = codes(zip(domains, item_ids))
-  user = as_codes(user_code, keys)
-  domain = as_codes(index, domains)
-  pair = as_codes(pair_code, zip(domains, item_ids))
+  distinct, pair = np.unique(domain * len(item_names) + item, return_inverse=True)
+  pair = pair.reshape(-1)
+  names = list(index)
+  pairs = [(names[d], item_names[i]) for d, i in zip(*(v.tolist() for v in np.divmod(
+      distinct, len(item_names))))]
+  n_users = int(user.max()) + 1
   split = np.fromiter((_SPLIT_CODE.get(s, -1) for s in splits), np.int64, n)
-  rank = np.unique(np.asarray(orders, np.float64), return_inverse=True)[1].reshape(-1)
+  rank = np.unique(order, return_inverse=True)[1].reshape(-1)
   n_ranks, n_domains = int(rank.max()) + 1, len(index)
 
   train = split == _SPLIT_CODE["train"]
-  user_in_train = np.zeros(len(user_code), bool)
+  user_in_train = np.zeros(n_users, bool)
   user_in_train[user[train]] = True
-  item_in_train = np.zeros(len(pair_code), bool)
+  item_in_train = np.zeros(len(pairs), bool)
   item_in_train[pair[train]] = True
 
   # Context rows by user, then order (file order on ties): each user's rows are one run.
@@ -395,7 +436,7 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
   by_user = context[np.lexsort((rank[context], user[context]))]
   context_rows = by_user.tolist()
   run_user = user[by_user]
-  users = np.arange(len(user_code))
+  users = np.arange(n_users)
   run_start = np.searchsorted(run_user, users, "left")
   run_end = np.searchsorted(run_user, users, "right")
   # ... and by user, domain, then order: each (user, domain)'s rows are one run.
@@ -415,7 +456,7 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
 
   profiles = _profiles(by_user, run_user, run_start, run_end, by_domain,
                        domain_key // n_ranks, n_domains, earlier, t_user,
-                       _entries(pair[by_user], list(pair_code), pick(labels, context_rows),
+                       _entries(pair[by_user], pairs, pick(labels, context_rows),
                                 items, task, config), config)
 
   # Ranking evaluation excludes the user's earlier items of the target domain, newest first.
@@ -428,7 +469,7 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
       history[k] = domain_items[starts[k]:starts[k] + counts[k]][::-1]
   history = [h if h else [] for h in history]  # one list per example
 
-  texts = [items[p].text for p in pair_code]
+  texts = [items[p].text for p in pairs]
   examples = {}
   for name, code in _SPLIT_CODE.items():
     if name == "history":
@@ -460,13 +501,13 @@ def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, s
                         else [""] * len(r)),
         "user_tags": [list(interactions[i].user_tags) for i in r]})
 
-  train_items = {p for p, t in zip(pair_code, item_in_train.tolist()) if t}
+  train_items = {p for p, t in zip(pairs, item_in_train.tolist()) if t}
   item_records = [{"domain": d, "item_id": i, "item_text": it.text, "item_tags": list(it.tags),
                    "domain_index": index[d],
                    "item_in_train": (d, i) in train_items}
                   for (d, i), it in sorted(items.items()) if d in index]
   return {"examples": examples, "items": item_records, "domains": specs,
-          "counts": _counts(domain, list(index), splits, user, item_records),
+          "counts": _counts(domain, list(index), split, splits, user, item_records),
           "duplicates": duplicates}
 
 
@@ -508,22 +549,29 @@ def _profiles(by_user, run_user, run_start, run_end, by_domain, domain_group, n_
   return out
 
 
-def _counts(domain: np.ndarray, names: list[str], splits: list[str], user: np.ndarray,
-            item_records) -> dict[str, Any]:
+def _counts(domain: np.ndarray, names: list[str], split: np.ndarray, splits: list[str],
+            user: np.ndarray, item_records) -> dict[str, Any]:
   """Users, items and interactions per split of each domain (``domain``: rows' indices into
-  ``names``); splits listed in order of first appearance in the domain, as a counter would."""
-  split_names = list(dict.fromkeys(splits))
-  split = _codes(splits)
+  ``names``; ``split``: their split codes, -1 for any other split in ``splits``); splits listed
+  in order of first appearance in the domain, as a counter would."""
+  split_names = list(_SPLIT_CODE)
+  if (split < 0).any():
+    split_names = list(dict.fromkeys(splits))
+    split = _codes(splits)
   group = domain * len(split_names) + split
-  groups, first, sizes = np.unique(group, return_index=True, return_counts=True)
+  sizes = np.bincount(group, minlength=len(names) * len(split_names))
+  first = np.full(len(sizes), len(group), np.int64)
+  np.minimum.at(first, group, np.arange(len(group)))  # each group's first row
   per_domain = {d: {} for d in names}
-  for g, n in sorted(zip(groups.tolist(), sizes.tolist()), key=lambda gn: first[
-      np.searchsorted(groups, gn[0])]):
-    per_domain[names[g // len(split_names)]][split_names[g % len(split_names)]] = n
-  users = np.bincount(np.unique(domain * (int(user.max()) + 1) + user) // (int(user.max()) + 1),
-                      minlength=len(names))
+  for g in np.argsort(first, kind="stable").tolist():
+    if sizes[g]:
+      per_domain[names[g // len(split_names)]][split_names[g % len(split_names)]] = int(sizes[g])
+  n_users = int(user.max()) + 1
+  seen = np.zeros(len(names) * n_users, bool)
+  seen[domain * n_users + user] = True
+  users = seen.reshape(len(names), n_users).sum(axis=1)
   items = collections.Counter(r["domain"] for r in item_records)
-  return {"users": int(user.max()) + 1,
+  return {"users": n_users,
           "domains": {d: {"users": int(users[k]), "items": items[d],
                           "interactions": per_domain[d]}
                       for k, d in sorted(enumerate(names), key=lambda kd: kd[1])

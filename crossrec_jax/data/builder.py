@@ -9,7 +9,9 @@ failed prepare never leaves a half data set behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -210,7 +212,8 @@ def prepare(source: str = "synthetic", path: str = "", *, data_dir: str | None =
           _remove_stale_incomplete(root / "cross_domain")
           tfds.disable_progress_bar()  # our own bars: rows read, examples written
           builder.required_any_of = tuple(require_any_of)
-          with fast_write.pass_serialized_through(), fast_write.array_record_options():
+          with (fast_write.pass_serialized_through(), fast_write.array_record_options(),
+                _gc_paused()):
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except BaseException:
@@ -219,6 +222,21 @@ def prepare(source: str = "synthetic", path: str = "", *, data_dir: str | None =
       raise
   _check_splits(builder.info.splits, require_any_of, str(path or source))
   return builder
+
+
+@contextlib.contextmanager
+def _gc_paused():
+  """No cyclic garbage collection while a data set is built: a prepare allocates millions of
+  objects (rows, records, their bytes) and keeps nearly all of them, so every collection scans
+  a growing heap for cycles it does not find (~20% of a prepare's CPU, more in a process that
+  has imported much). Memory is still freed by reference counting; collection resumes after."""
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if enabled:
+      gc.enable()
 
 
 class _DirectoryLock:

@@ -69,14 +69,17 @@ def _make_serialize(schema):
   int64_list (3), each holding its values in field 1 (floats and ints packed).
 
   Examples are built a batch at a time, column by column: a string's framing depends only on
-  its byte length and a scalar's entry only on its value, so both come from caches, and each
-  example is one ``bytes.join`` of its pieces (no per-example function calls)."""
+  its byte length and a scalar's entry only on its value, so both come from caches (a column of
+  few distinct strings, such as domains or item IDs, caches whole entries), and each example is
+  one ``bytes.join`` of its pieces (no per-example function calls). Columns come straight from a
+  ``Records`` batch (``.columns``) or are read out of record dicts."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   varint = _varint
   columns = []
   for name, key, kind in schema:  # key: map-entry key field + the value tag (0x12)
     if kind == _STRING:
-      columns.append((name, kind, _framing(key, lambda n: b"\x0a" + varint(n))))
+      head = _framing(key, lambda n: b"\x0a" + varint(n))
+      columns.append((name, kind, _StringColumn(head)))
     elif kind == _STRINGS:
       # Item ids and tags repeat across examples: each value is framed once.
       columns.append((name, kind, (_framing(key, lambda n: b""),
@@ -84,37 +87,52 @@ def _make_serialize(schema):
     elif kind == _FLOAT:  # entry: key, len 8, Feature(float_list(len 6: tag, len 4, 4 bytes))
       columns.append((name, kind, b"\x0a" + varint(len(key) + 9) + key + b"\x08\x12\x06\x0a\x04"))
     else:  # bool and int: the whole entry is a function of the value
-      entry = lambda v, key=key: _entry(key, b"\x1a" + _len(b"\x0a" + _len(varint(int(v)))))
+      to_int = (lambda v: int(bool(v))) if kind == _BOOL else int
+      entry = lambda v, key=key, to_int=to_int: _entry(
+          key, b"\x1a" + _len(b"\x0a" + _len(varint(to_int(v)))))
       columns.append((name, kind, _Cache(entry)))
 
   example_head = _Cache(lambda n: b"\x0a" + varint(n))
 
   def batch(records, defaults=None) -> list[Serialized]:
     defaults = defaults or {}
-    pieces, lengths = [], np.zeros(len(records), np.int64)
+    n = len(records)
+    given = getattr(records, "columns", None)  # processing.Records: already by column
+    pieces, lengths = [], np.zeros(n, np.int64)
     for name, kind, how in columns:
-      values = _column(records, name, defaults.get(name))
+      if given is None:
+        values = _column(records, name, defaults.get(name))
+      elif name in given:
+        values = given[name]
+      else:  # a column the split lacks (e.g. history rows' profile): the default throughout
+        values = [defaults.get(name)] * n
       if kind == _STRING:
-        data = list(map(str.encode, values))
-        sizes = list(map(len, data))
-        heads = how.many(sizes)
-        pieces += (heads, data)
-        lengths += np.asarray(sizes) + np.fromiter(map(len, heads), np.int64, len(heads))
+        entries = how(values, pieces)
+        lengths += entries
       elif kind == _STRINGS:  # BytesList with one field per value
         framing, framed = how
+        if not any(values):  # all empty (e.g. no tags): one entry for every example
+          entry = framing[0]
+          pieces.append([entry] * n)
+          lengths += len(entry)
+          continue
         data = [b"".join(map(framed.__getitem__, v)) if v else b"" for v in values]
-        heads = framing.many(list(map(len, data)))
+        sizes = list(map(len, data))
+        heads = framing.many(sizes)
         pieces += (heads, data)
-        lengths += np.fromiter(map(len, data), np.int64, len(data)) + np.fromiter(
-            map(len, heads), np.int64, len(heads))
+        lengths += np.asarray(sizes, np.int64) + np.fromiter(map(len, heads), np.int64, n)
       elif kind == _FLOAT:
-        raw = np.asarray(values, np.float64).astype("<f4").tobytes()
-        pieces.append([how + raw[i:i + 4] for i in range(0, len(raw), 4)])
-        lengths += len(how) + 4
+        size = len(how) + 4
+        raw = np.empty((n, size), np.uint8)
+        raw[:, :len(how)] = np.frombuffer(how, np.uint8)
+        raw[:, len(how):] = np.asarray(values, np.float64).astype("<f4").view(np.uint8).reshape(n, 4)
+        raw = raw.tobytes()
+        pieces.append([raw[i:i + size] for i in range(0, n * size, size)])
+        lengths += size
       else:
-        entries = how.many([bool(v) if kind == _BOOL else int(v) for v in values])
+        entries = how.many(values)
         pieces.append(entries)
-        lengths += np.fromiter(map(len, entries), np.int64, len(entries))
+        lengths += np.fromiter(map(len, entries), np.int64, n)
     heads = example_head.many(lengths.tolist())
     return list(map(Serialized, map(b"".join, zip(heads, *pieces))))
 
@@ -122,6 +140,36 @@ def _make_serialize(schema):
     return batch([record])[0]
   serialize.batch = batch
   return serialize
+
+
+class _StringColumn:
+  """A bytes_list feature of one string per example. While the column's values repeat (domains,
+  item IDs, item texts) each distinct value's whole entry is cached; a column whose values are
+  nearly all distinct (profiles) is framed by length only, without keeping its values."""
+
+  def __init__(self, head):
+    self.head, self.entries, self.seen, self.cached = head, {}, 0, True
+
+  def __call__(self, values: list, pieces: list):
+    """Appends the pieces of ``values``' entries to ``pieces``; returns their sizes."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    n = len(values)
+    if self.cached:
+      entries, head = self.entries, self.head
+      for v in set(values).difference(entries):
+        data = v.encode()
+        entries[v] = head[len(data)] + data
+      self.seen += n
+      if len(entries) <= max(0.9 * self.seen, 1024):
+        out = list(map(entries.__getitem__, values))
+        pieces.append(out)
+        return np.fromiter(map(len, out), np.int64, n)
+      self.cached, self.entries = False, {}  # mostly distinct: stop caching
+    data = list(map(str.encode, values))
+    sizes = list(map(len, data))
+    heads = self.head.many(sizes)
+    pieces += (heads, data)
+    return np.asarray(sizes, np.int64) + np.fromiter(map(len, heads), np.int64, n)
 
 
 def _column(records, name: str, default) -> list:
@@ -217,7 +265,7 @@ def pass_serialized_through():
     return example_dict if isinstance(example_dict, Serialized) else encode(self, example_dict)
 
   def serialize_example(self, example):
-    return bytes(example) if isinstance(example, Serialized) else serialize(self, example)
+    return example if isinstance(example, Serialized) else serialize(self, example)  # no copy
 
   features_dict.FeaturesDict.encode_example = encode_example
   example_serializer.ExampleSerializer.serialize_example = serialize_example

@@ -7,8 +7,8 @@ before the target.
 
 from __future__ import annotations
 
-import bisect
 import collections
+import collections.abc
 import csv
 import dataclasses
 import hashlib
@@ -16,6 +16,7 @@ import hmac
 import logging
 import math
 import pathlib
+import string
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ from crossrec_jax.data.records import DataError, Interaction, Item
 
 CONTEXT_SPLITS = ("train", "history")  # rows a profile may be built from
 TARGET_SPLITS = ("train", "valid", "test")
+_SPLIT_CODE = {"train": 0, "valid": 1, "test": 2, "history": 3}  # examples are keyed in this order
 log = logging.getLogger(__name__)
 
 
@@ -76,20 +78,25 @@ def _source_of(x: Interaction) -> str:
   return place.rsplit(":", 1)[0] if ":line " in place or ":row " in place else place
 
 
-def _domain_spec_dicts(interactions: Sequence[Interaction], config: ProcessingConfig):
+def _domain_spec_dicts(interactions: Sequence[Interaction], config: ProcessingConfig,
+                       domains: list[str] | None = None, labels: list[float] | None = None):
   tasks = dict(config.domain_tasks)
   scales = {d: (lo, hi) for d, lo, hi in config.rating_scales}
-  labels, first = collections.defaultdict(list), {}
-  for x in interactions:
-    labels[x.domain].append(x.label)
-    first.setdefault(x.domain, x)
+  domains = [x.domain for x in interactions] if domains is None else domains
+  labels = [x.label for x in interactions] if labels is None else labels
+  names = sorted(set(domains))
+  code = {d: i for i, d in enumerate(names)}
+  domain = np.fromiter(map(code.__getitem__, domains), np.int64, len(domains))
+  by_domain = np.argsort(domain, kind="stable")
+  ends = np.cumsum(np.bincount(domain, minlength=len(names)))
+  all_values = np.asarray(labels)
   specs = []
-  for domain in sorted(labels):
-    values = np.asarray(labels[domain])
+  for k, domain in enumerate(names):
+    values = all_values[by_domain[ends[k - 1] if k else 0:ends[k]]]
     task = tasks.get(domain) or ("implicit" if np.all(np.isin(values, (0.0, 1.0))) else "rating")
     lo, hi = scales.get(domain, (math.floor(values.min()), math.ceil(values.max())))
     if task == "rating" and lo >= hi:
-      source = _source_of(first[domain]) or "the data"
+      source = _source_of(interactions[domains.index(domain)]) or "the data"
       raise DataError(f"{source}: all ratings of domain {domain!r} equal {lo:g}, so its rating "
                       f"scale cannot be inferred; declare it: data.rating_scales='{domain}=1:5' "
                       f"(ProcessingConfig.rating_scales), or data.domain_tasks='{domain}=implicit'")
@@ -98,32 +105,60 @@ def _domain_spec_dicts(interactions: Sequence[Interaction], config: ProcessingCo
   return specs
 
 
-def drop_duplicates(interactions: Sequence[Interaction], keys: dict[int, str]):
+def drop_duplicates(interactions: Sequence[Interaction], keys: Sequence[str]):
   """One row per (user, domain, item): the last by timestamp/position (file order on ties).
 
   Earlier repeats are dropped and counted: kept, they would sit in the profile of the row that
   is their own evaluation target, label included. Returns (interactions, keys, dropped per domain).
   """
-  last: dict[tuple[str, str, str], int] = {}
-  for i, x in enumerate(interactions):
-    k = (keys[i], x.domain, x.item_id)
-    j = last.get(k)
-    if j is None or x.order >= interactions[j].order:
-      last[k] = i
-  if len(last) == len(interactions):
+  kept, dropped = _deduplicate(interactions, _orders(interactions), _codes(keys),
+                               _codes([x.domain for x in interactions]),
+                               _codes([x.item_id for x in interactions]))
+  if kept is None:
     return interactions, keys, {}
-  kept = sorted(last.values())
-  kept_set = set(kept)
-  dropped = collections.Counter(x.domain for i, x in enumerate(interactions) if i not in kept_set)
-  example = next(x for i, x in enumerate(interactions) if i not in kept_set)
+  kept = kept.tolist()
+  return [interactions[i] for i in kept], [keys[i] for i in kept], dropped
+
+
+def _deduplicate(interactions, order, user, domain, item):
+  """``drop_duplicates`` on integer codes: (the kept rows in file order, or None when no row is
+  repeated; dropped rows per domain)."""
+  by_order, last = _last_of_groups(order, user, domain, item)
+  if last.all():
+    return None, {}
+  gone = np.sort(by_order[~last]).tolist()
+  dropped = collections.Counter(interactions[i].domain for i in gone)
+  example = interactions[gone[0]]
   log.warning("%d repeated (user, domain, item) row(s) dropped, keeping the latest of each "
               "(by timestamp/position, file order on ties): %s; first dropped: %s",
               sum(dropped.values()), dict(dropped), example.place or example.item_id)
-  return [interactions[i] for i in kept], {n: keys[i] for n, i in enumerate(kept)}, dict(dropped)
+  return np.sort(by_order[last]), dict(dropped)
+
+
+def _orders(interactions: Sequence[Interaction]) -> np.ndarray:
+  return np.asarray([x.order for x in interactions], np.float64)
+
+
+def _codes(values: list) -> np.ndarray:
+  """Each value's index among the distinct values, in order of first appearance."""
+  code = {v: c for c, v in enumerate(dict.fromkeys(values))}
+  return np.fromiter(map(code.__getitem__, values), np.int64, len(values))
+
+
+def _last_of_groups(order: np.ndarray, *groups: np.ndarray):
+  """Rows by ``groups`` (integer codes, the first the outermost), then order, then file order;
+  and a mask over that ordering that marks each group's last row."""
+  n = len(order)
+  by_order = np.lexsort((np.arange(n), order, *reversed(groups)))
+  same = np.ones(max(n - 1, 0), bool)
+  for c in groups:
+    c = c[by_order]
+    same &= c[1:] == c[:-1]
+  return by_order, np.append(~same, True) if n else np.zeros(0, bool)
 
 
 def _no_train_rows(interactions, splits, keys, mode) -> str:
-  per_group = collections.Counter((keys[i], x.domain) for i, x in enumerate(interactions))
+  per_group = collections.Counter(zip(keys, (x.domain for x in interactions)))
   source = _source_of(interactions[0]) or "the data"
   if mode in ("auto", "leave_last_out") and not any(x.split for x in interactions):
     return (f"{source}: no train rows: leave-last-out makes each user's last interaction per "
@@ -174,23 +209,30 @@ def linked_histories(history: Sequence[Interaction], config: ProcessingConfig):
   return by_person, (lambda person: link_key(config.link_secret, person)), person_of
 
 
-def link_users(interactions: Sequence[Interaction], config: ProcessingConfig) -> dict[int, str]:
-  """Maps each interaction's index to its user key (raw IDs are not kept)."""
+def link_users(interactions: Sequence[Interaction], config: ProcessingConfig) -> list[str]:
+  """Each interaction's user key, by index (raw IDs are not kept)."""
+  return _link_keys([x.domain for x in interactions], [x.user_id for x in interactions], config)
+
+
+def _link_keys(domains: list[str], user_ids: list[str], config: ProcessingConfig) -> list[str]:
   if not config.link_secret:
     raise DataError("link_secret is empty: user linkage needs a secret key (HMAC-SHA256); "
                     "resolve one with crossrec_jax.data.link_secret.resolve")
-  person_of = person_lookup(config)
-  keys, cache = {}, {}
-  for i, x in enumerate(interactions):
-    person = person_of(x.domain, x.user_id)
-    if person not in cache:
-      cache[person] = link_key(config.link_secret, person)
-    keys[i] = cache[person]
-  return keys
+  people = (list(map(person_lookup(config), domains, user_ids)) if config.mapping_file
+            else user_ids)  # without a mapping file, each user_id is its own person
+  key_of = {person: link_key(config.link_secret, person) for person in dict.fromkeys(people)}
+  return list(map(key_of.__getitem__, people))
 
 
-def assign_splits(interactions: Sequence[Interaction], user_keys: dict[int, str],
+def assign_splits(interactions: Sequence[Interaction], user_keys: Sequence[str],
                   config: ProcessingConfig) -> list[str]:
+  return _assign_splits(interactions, config, lambda: (
+      _orders(interactions), _codes(list(user_keys)), _codes([x.domain for x in interactions])))
+
+
+def _assign_splits(interactions: Sequence[Interaction], config: ProcessingConfig,
+                   groups) -> list[str]:
+  """``assign_splits``; ``groups()``: the rows' orders, user codes and domain codes."""
   given = [x.split for x in interactions]
   mode = config.split
   if mode == "auto":
@@ -206,18 +248,20 @@ def assign_splits(interactions: Sequence[Interaction], user_keys: dict[int, str]
     if min(config.ratio) < 0 or abs(train + valid + test - 1.0) > 1e-6:
       raise DataError(f"ratio {config.ratio} must be three non-negative fractions summing to 1")
     u = np.random.default_rng(config.seed).random(len(interactions))
-    return ["train" if r < train else "valid" if r < train + valid else "test" for r in u]
+    return np.where(u < train, "train", np.where(u < train + valid, "valid", "test")).tolist()
   if mode == "leave_last_out":
-    splits = ["train"] * len(interactions)
-    groups = collections.defaultdict(list)
-    for i, x in enumerate(interactions):
-      groups[(user_keys[i], x.domain)].append(i)
-    for rows in groups.values():
-      rows.sort(key=lambda i: interactions[i].order)
-      splits[rows[-1]] = "test"
-      if len(rows) >= 3:
-        splits[rows[-2]] = "valid"
-    return splits
+    if not interactions:
+      return []
+    # Per (user, domain), by order (file order on ties): the last row is test and, in groups
+    # of 3 or more, the one before it valid.
+    by_order, last = _last_of_groups(*groups())
+    group = np.cumsum(np.append(True, last[:-1]))  # each row's group, in that ordering
+    before_last = np.append(last[1:], False) & ~last
+    big = (np.bincount(group) >= 3)[group]
+    out = np.full(len(interactions), "train", dtype=object)
+    out[by_order[last]] = "test"
+    out[by_order[before_last & big]] = "valid"
+    return out.tolist()
   raise DataError(f"unknown split mode {config.split!r}; use auto, given, leave_last_out or ratio")
 
 
@@ -254,26 +298,6 @@ def _select(entries: Iterable[tuple[str, str, int]], config: ProcessingConfig,
   return config.separator.join(chosen)
 
 
-def _profile_maker(entries: list[tuple[str, str, int]], config: ProcessingConfig):
-  """``end -> _select(entries[end-1], ..., entries[0])`` for one user's context (oldest first).
-  Where no cap binds (most targets) the profile is all of them, newest first, joined at once."""
-  words, most, top, counts = [0], 0, [0], {}
-  for domain, _, n_words in entries:
-    words.append(words[-1] + n_words)
-    counts[domain] = used = counts.get(domain, 0) + 1
-    most = used if used > most else most
-    top.append(most)
-  lines = [line for _, line, _ in entries]
-  n_domains, separator = len(counts), config.separator
-
-  def profile(end: int) -> str:
-    if (end <= config.max_profile_items and words[end] < config.max_profile_words
-        and top[end] <= config.max_items_per_domain):
-      return separator.join(lines[:end][::-1])
-    return _select(map(entries.__getitem__, range(end - 1, -1, -1)), config, n_domains)
-  return profile
-
-
 def user_profile(history: Sequence[Interaction], items: dict[tuple[str, str], Item],
                  tasks: dict[str, str], config: ProcessingConfig, before: float | None = None) -> str:
   """A user's profile text from their interactions (any order), as in training: newest first,
@@ -283,100 +307,272 @@ def user_profile(history: Sequence[Interaction], items: dict[tuple[str, str], It
                          for x in reversed(ordered)), config)
 
 
-class _EntryCache(dict):
-  """(domain, item, label) -> (domain, profile line, word count): a line is formatted and its
-  words counted once, however many users and targets it appears for."""
+def _entries(pair: np.ndarray, pairs: list[tuple[str, str]], labels: list[float], items,
+             tasks: dict[str, str], config: ProcessingConfig) -> list[tuple[str, str, int]]:
+  """Each row's profile entry (domain, line, word count), as ``_item_line`` writes the line,
+  for rows of item ``pairs[pair[k]]`` and label ``labels[k]``: each distinct line is built and
+  its words counted once, however many users and targets it appears for."""
+  # A rating line writes '-0' for -0.0, which equals 0.0: a zero label's key carries its sign.
+  label_keys = [y if y else (y, math.copysign(1.0, y)) for y in labels]
+  label_code = {k: c for c, k in enumerate(dict.fromkeys(label_keys))}
+  ratings = [config.rating_template.format(label=k[0] if isinstance(k, tuple) else k)
+             for k in label_code] + [""]  # the last: no rating (implicit domains)
+  rated = np.asarray([tasks[d] == "rating" for d, _ in pairs], bool)
+  rating = np.where(rated[pair], np.fromiter(map(label_code.__getitem__, label_keys), np.int64,
+                                             len(labels)), len(ratings) - 1)
+  distinct, row_entry = np.unique(pair * len(ratings) + rating, return_inverse=True)
+  fields = list(string.Formatter().parse(config.item_template))
+  entries = []
+  if (fields and fields[-1][1:] == ("rating", "", None)
+      and sum(f[1] == "rating" for f in fields) == 1):
+    # '...{rating}' (the default): a line is its item's text part plus the rating, so each
+    # item's part is formatted and its words counted once.
+    part = {}
+    for p in np.unique(distinct // len(ratings)).tolist():
+      domain, item_id = pairs[p]
+      text = items[(domain, item_id)].text or f"item {item_id}"
+      line = config.item_template.format(domain=domain, text=text, rating="")
+      part[p] = domain, line, len(line.split()), not line or line[-1].isspace()
+    # A rating that starts with a space (or follows one) adds its own words; else the two
+    # parts' words may run together and the line is counted whole.
+    rating_words = [(len(r.split()), not r or r[0].isspace()) for r in ratings]
+    for p, r in zip(*(v.tolist() for v in np.divmod(distinct, len(ratings)))):
+      domain, text, words, open_end = part[p]
+      more, opens = rating_words[r]
+      line = text + ratings[r]
+      entries.append((domain, line, words + more if open_end or opens else len(line.split())))
+  else:
+    for p, r in zip(*(v.tolist() for v in np.divmod(distinct, len(ratings)))):
+      domain, item_id = pairs[p]
+      text = items[(domain, item_id)].text or f"item {item_id}"
+      line = config.item_template.format(domain=domain, text=text, rating=ratings[r])
+      entries.append((domain, line, len(line.split())))
+  return list(map(entries.__getitem__, row_entry.reshape(-1).tolist()))
 
-  def __init__(self, items, tasks: dict[str, str], config: ProcessingConfig):
-    super().__init__()
-    self.items, self.tasks, self.config = items, tasks, config
 
-  def __call__(self, x: Interaction) -> tuple[str, str, int]:
-    key = (x.domain, x.item_id, x.label)
-    if not x.label:  # 0.0 == -0.0, but a rating line writes '-0'
-      key += (math.copysign(1.0, x.label),)
-    entry = self.get(key)
-    if entry is None:
-      line = _item_line(x, self.items, self.tasks[x.domain], self.config)
-      entry = self[key] = (x.domain, line, len(line.split()))
-    return entry
+class Records(collections.abc.Sequence):
+  """One split's examples, stored by column (name -> list); reads as a sequence of dicts."""
+
+  def __init__(self, columns: dict[str, list]):
+    self.columns = columns
+    self._len = len(next(iter(columns.values()))) if columns else 0
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return Records({k: v[i] for k, v in self.columns.items()})
+    return {k: v[i] for k, v in self.columns.items()}
+
+  def __iter__(self):
+    names = list(self.columns)
+    return (dict(zip(names, values)) for values in zip(*self.columns.values()))
+
+  def __eq__(self, other):
+    return isinstance(other, collections.abc.Sequence) and list(self) == list(other)
+
+  def __repr__(self) -> str:
+    return f"Records({len(self)} examples: {', '.join(self.columns)})"
 
 
 def build_examples(interactions: Sequence[Interaction], items: dict[tuple[str, str], Item],
                    config: ProcessingConfig) -> dict[str, Any]:
-  """Returns dict(examples={split: [record]}, items=[record], domains=[spec], counts=...)."""
-  specs = _domain_spec_dicts(interactions, config)
+  """Returns dict(examples={split: Records}, items=[record], domains=[spec], counts=...).
+
+  A target's profile is built from the same user's context rows (train and history splits)
+  strictly before it, newest first; ``cold`` and ``history_items`` look at the context rows of
+  the target's domain the same way. Done column-wise (numpy sorts and binary searches over
+  all users at once); only the profile strings are joined one target at a time.
+  """
+  domains = [x.domain for x in interactions]
+  labels = [x.label for x in interactions]
+  specs = _domain_spec_dicts(interactions, config, domains, labels)
   task = {s["name"]: s["task"] for s in specs}
   index = {s["name"]: i for i, s in enumerate(specs)}
-  keys = link_users(interactions, config)
-  interactions, keys, duplicates = drop_duplicates(interactions, keys)
-  splits = assign_splits(interactions, keys, config)
+  keys = _link_keys(domains, [x.user_id for x in interactions], config)
+  item_ids = [x.item_id for x in interactions]
+  orders = [x.order for x in interactions]
+  n = len(interactions)
+  pick = lambda values, rows: list(map(values.__getitem__, rows))
+  user = _codes(keys)  # users in order of first appearance, as examples are written
+  domain = np.fromiter(map(index.__getitem__, domains), np.int64, n)
+  item_names = list(dict.fromkeys(item_ids))
+  item = _codes(item_ids)
+  order = np.asarray(orders, np.float64)
+  kept, duplicates = _deduplicate(interactions, order, user, domain, item)
+  if kept is not None:
+    user, domain, item, order = user[kept], domain[kept], item[kept], order[kept]
+    kept = kept.tolist()
+    interactions, keys, domains, item_ids, labels, orders = (
+        pick(v, kept) for v in (interactions, keys, domains, item_ids, labels, orders))
+    n = len(interactions)
+    distinct, first = np.unique(user, return_index=True)  # renumber by first appearance
+    renumber = np.empty(int(distinct[-1]) + 1, np.int64)
+    renumber[distinct[np.argsort(first)]] = np.arange(len(distinct))
+    user = renumber[user]
+  splits = _assign_splits(interactions, config, lambda: (order, user, domain))
   if "train" not in splits:
     raise DataError(_no_train_rows(interactions, splits, keys, config.split))
 
-  by_user = collections.defaultdict(list)
-  for i, x in enumerate(interactions):
-    by_user[keys[i]].append(i)
-  train_users = {keys[i] for i, s in enumerate(splits) if s == "train"}
-  train_items = {(x.domain, x.item_id) for x, s in zip(interactions, splits) if s == "train"}
+  distinct, pair = np.unique(domain * len(item_names) + item, return_inverse=True)
+  pair = pair.reshape(-1)
+  names = list(index)
+  pairs = [(names[d], item_names[i]) for d, i in zip(*(v.tolist() for v in np.divmod(
+      distinct, len(item_names))))]
+  n_users = int(user.max()) + 1
+  split = np.fromiter((_SPLIT_CODE.get(s, -1) for s in splits), np.int64, n)
+  rank = np.unique(order, return_inverse=True)[1].reshape(-1)
+  n_ranks, n_domains = int(rank.max()) + 1, len(index)
 
-  examples = {s: [] for s in TARGET_SPLITS + ("history",)}
-  entry_of = _EntryCache(items, task, config)
-  order_of = lambda x: x.order
-  for user, rows in by_user.items():
-    context = sorted((interactions[i] for i in rows if splits[i] in CONTEXT_SPLITS), key=order_of)
-    context_order = [x.order for x in context]
-    domain_orders, domain_items = collections.defaultdict(list), collections.defaultdict(list)
-    for x in context:
-      domain_orders[x.domain].append(x.order)
-      domain_items[x.domain].append(x.item_id)
-    profile_of = _profile_maker(list(map(entry_of, context)), config)
-    user_in_train = user in train_users
-    for target in rows:
-      split = splits[target]
-      x = interactions[target]
-      item = (x.domain, x.item_id)
-      if split == "history":  # context only: kept so the data set holds the whole log
-        examples[split].append({
-            "user_key": user, "domain": x.domain, "domain_index": index[x.domain],
-            "item_id": x.item_id, "label": x.label, "order": x.order,
-            "user_tags": list(x.user_tags), "user_in_train": user_in_train,
-            "item_in_train": item in train_items})
-        continue
-      if split not in TARGET_SPLITS:
-        continue
-      # Strictly earlier context only: never the target itself, nothing at or after its time.
-      end = bisect.bisect_left(context_order, x.order)
-      in_domain = bisect.bisect_left(domain_orders[x.domain], x.order)
-      # Ranking evaluation excludes the user's earlier items of the target domain, newest first.
-      history = [] if task[x.domain] != "implicit" else domain_items[x.domain][:in_domain][::-1]
-      examples[split].append({
-          "user_key": user, "domain": x.domain, "domain_index": index[x.domain],
-          "item_id": x.item_id, "item_text": items[item].text,
-          "label": x.label, "profile": profile_of(end), "order": x.order,
-          "cold": in_domain < config.cold_threshold, "history_items": history,
-          "user_in_train": user_in_train, "item_in_train": item in train_items,
-          "raw_user_id": x.user_id if config.store_raw_user_ids else "",
-          "user_tags": list(x.user_tags),
-      })
+  train = split == _SPLIT_CODE["train"]
+  user_in_train = np.zeros(n_users, bool)
+  user_in_train[user[train]] = True
+  item_in_train = np.zeros(len(pairs), bool)
+  item_in_train[pair[train]] = True
 
-  if not examples["history"]:
-    del examples["history"]  # only data with a given `history` split has context-only rows
+  # Context rows by user, then order (file order on ties): each user's rows are one run.
+  context = np.flatnonzero(np.isin(split, [_SPLIT_CODE[s] for s in CONTEXT_SPLITS]))
+  by_user = context[np.lexsort((rank[context], user[context]))]
+  context_rows = by_user.tolist()
+  run_user = user[by_user]
+  users = np.arange(n_users)
+  run_start = np.searchsorted(run_user, users, "left")
+  run_end = np.searchsorted(run_user, users, "right")
+  # ... and by user, domain, then order: each (user, domain)'s rows are one run.
+  by_domain = context[np.lexsort((rank[context], domain[context], user[context]))]
+  domain_key = (user[by_domain] * n_domains + domain[by_domain]) * n_ranks + rank[by_domain]
+
+  # Every target's count of earlier context rows: in all domains (its profile's length before
+  # the caps) and in its own domain (cold start, excluded history items).
+  targets = np.flatnonzero(np.isin(split, [_SPLIT_CODE[s] for s in TARGET_SPLITS]))
+  targets = targets[np.argsort(user[targets], kind="stable")]  # by user, then file order
+  t_user, t_domain, t_rank = user[targets], domain[targets], rank[targets]
+  start = run_start[t_user]
+  earlier = np.searchsorted(run_user * n_ranks + rank[by_user], t_user * n_ranks + t_rank) - start
+  domain_run = (t_user * n_domains + t_domain) * n_ranks
+  domain_start = np.searchsorted(domain_key, domain_run)
+  in_domain = np.searchsorted(domain_key, domain_run + t_rank) - domain_start
+
+  profiles = _profiles(by_user, run_user, run_start, run_end, by_domain,
+                       domain_key // n_ranks, n_domains, earlier, t_user,
+                       _entries(pair[by_user], pairs, pick(labels, context_rows),
+                                items, task, config), config)
+
+  # Ranking evaluation excludes the user's earlier items of the target domain, newest first.
+  implicit = np.asarray([task[s["name"]] == "implicit" for s in specs], bool)[t_domain]
+  history = [[]] * len(targets)
+  if implicit.any():
+    domain_items = pick(item_ids, by_domain.tolist())
+    starts, counts = domain_start.tolist(), in_domain.tolist()
+    for k in np.flatnonzero(implicit & (in_domain > 0)).tolist():
+      history[k] = domain_items[starts[k]:starts[k] + counts[k]][::-1]
+  history = [h if h else [] for h in history]  # one list per example
+
+  texts = [items[p].text for p in pairs]
+  examples = {}
+  for name, code in _SPLIT_CODE.items():
+    if name == "history":
+      rows = np.flatnonzero(split == code)
+      rows = rows[np.argsort(user[rows], kind="stable")]
+      if len(rows):
+        r = rows.tolist()
+        examples[name] = Records({
+            "user_key": pick(keys, r), "domain": pick(domains, r),
+            "domain_index": domain[rows].tolist(), "item_id": pick(item_ids, r),
+            "label": pick(labels, r), "order": pick(orders, r),
+            "user_tags": [list(interactions[i].user_tags) for i in r],
+            "user_in_train": user_in_train[user[rows]].tolist(),
+            "item_in_train": item_in_train[pair[rows]].tolist()})
+      continue
+    chosen = np.flatnonzero(split[targets] == code)
+    rows = targets[chosen]
+    r, c = rows.tolist(), chosen.tolist()
+    examples[name] = Records({
+        "user_key": pick(keys, r), "domain": pick(domains, r),
+        "domain_index": domain[rows].tolist(), "item_id": pick(item_ids, r),
+        "item_text": pick(texts, pair[rows].tolist()),
+        "label": pick(labels, r), "profile": pick(profiles, c), "order": pick(orders, r),
+        "cold": (in_domain[chosen] < config.cold_threshold).tolist(),
+        "history_items": pick(history, c),
+        "user_in_train": user_in_train[user[rows]].tolist(),
+        "item_in_train": item_in_train[pair[rows]].tolist(),
+        "raw_user_id": ([interactions[i].user_id for i in r] if config.store_raw_user_ids
+                        else [""] * len(r)),
+        "user_tags": [list(interactions[i].user_tags) for i in r]})
+
+  train_items = {p for p, t in zip(pairs, item_in_train.tolist()) if t}
   item_records = [{"domain": d, "item_id": i, "item_text": it.text, "item_tags": list(it.tags),
                    "domain_index": index[d],
                    "item_in_train": (d, i) in train_items}
                   for (d, i), it in sorted(items.items()) if d in index]
   return {"examples": examples, "items": item_records, "domains": specs,
-          "counts": _counts(interactions, splits, keys, item_records), "duplicates": duplicates}
+          "counts": _counts(domain, list(index), split, splits, user, item_records),
+          "duplicates": duplicates}
 
 
-def _counts(interactions, splits, keys, item_records) -> dict[str, Any]:
-  per_domain = collections.defaultdict(lambda: collections.Counter())
-  users = collections.defaultdict(set)
-  for i, (x, s) in enumerate(zip(interactions, splits)):
-    per_domain[x.domain][s] += 1
-    users[x.domain].add(keys[i])
+def _profiles(by_user, run_user, run_start, run_end, by_domain, domain_group, n_domains: int,
+              earlier, t_user, entries, config: ProcessingConfig) -> list[str]:
+  """Each target's profile: the ``earlier`` oldest of its user's context entries, newest first,
+  within the caps. ``by_user``: context rows by user then order, ``run_user`` their users,
+  ``run_start``/``run_end`` each user's run, ``entries`` their (domain, line, words);
+  ``by_domain``: the same rows by user, domain, then order, ``domain_group`` their user *
+  n_domains + domain. Where no cap binds (most targets) a profile is one slice of the user's
+  entries reversed; otherwise ``_select`` walks them."""
+  m = len(by_user)
+  # Entries newest first within each user's run: a target's profile is then a contiguous slice.
+  newest_first = (run_start[run_user] + run_end[run_user] - 1 - np.arange(m)).tolist()
+  lines = [entries[j][1] for j in newest_first]
+  words = np.fromiter((e[2] for e in entries), np.int64, m)
+  total = np.concatenate(([0], np.cumsum(words)))
+  # Per entry: how many of its user's entries so far are of its domain; then the running most.
+  where = np.zeros(int(by_user.max()) + 1 if m else 0, np.int64)
+  where[by_user] = np.arange(m)
+  count = np.empty(m, np.int64)
+  count[where[by_domain]] = np.arange(m) - np.searchsorted(domain_group, domain_group) + 1
+  top = np.maximum.accumulate(count + run_user * (m + 1)) - run_user * (m + 1)
+  start, end = run_start[t_user], run_end[t_user]
+  first = start + earlier
+  fits = ((earlier <= config.max_profile_items)
+          & (total[first] - total[start] < config.max_profile_words)
+          & ((earlier == 0) | (top[np.maximum(first - 1, 0)] <= config.max_items_per_domain)))
+  separator = config.separator
+  lo, hi = (end - earlier).tolist(), end.tolist()
+  out = [separator.join(lines[a:b]) for a, b in zip(lo, hi)]
+  slow = np.flatnonzero(~fits).tolist()
+  if slow:
+    ordered = [entries[j] for j in newest_first]
+    domains_of = np.bincount(np.unique(domain_group) // max(n_domains, 1),
+                             minlength=len(run_start))  # distinct domains per user
+    for k in slow:
+      out[k] = _select(ordered[lo[k]:hi[k]], config, int(domains_of[t_user[k]]))
+  return out
+
+
+def _counts(domain: np.ndarray, names: list[str], split: np.ndarray, splits: list[str],
+            user: np.ndarray, item_records) -> dict[str, Any]:
+  """Users, items and interactions per split of each domain (``domain``: rows' indices into
+  ``names``; ``split``: their split codes, -1 for any other split in ``splits``); splits listed
+  in order of first appearance in the domain, as a counter would."""
+  split_names = list(_SPLIT_CODE)
+  if (split < 0).any():
+    split_names = list(dict.fromkeys(splits))
+    split = _codes(splits)
+  group = domain * len(split_names) + split
+  sizes = np.bincount(group, minlength=len(names) * len(split_names))
+  first = np.full(len(sizes), len(group), np.int64)
+  np.minimum.at(first, group, np.arange(len(group)))  # each group's first row
+  per_domain = {d: {} for d in names}
+  for g in np.argsort(first, kind="stable").tolist():
+    if sizes[g]:
+      per_domain[names[g // len(split_names)]][split_names[g % len(split_names)]] = int(sizes[g])
+  n_users = int(user.max()) + 1
+  seen = np.zeros(len(names) * n_users, bool)
+  seen[domain * n_users + user] = True
+  users = seen.reshape(len(names), n_users).sum(axis=1)
   items = collections.Counter(r["domain"] for r in item_records)
-  return {"users": len(set(keys.values())),
-          "domains": {d: {"users": len(users[d]), "items": items[d],
-                          "interactions": dict(per_domain[d])} for d in sorted(per_domain)}}
+  return {"users": n_users,
+          "domains": {d: {"users": int(users[k]), "items": items[d],
+                          "interactions": per_domain[d]}
+                      for k, d in sorted(enumerate(names), key=lambda kd: kd[1])
+                      if per_domain[d]}}

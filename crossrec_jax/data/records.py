@@ -261,8 +261,8 @@ def read_interactions(path: pathlib.Path, *, bad_rows: str = "fail",
                                   rating_scales or {}, domain_tasks or {})
   rows = np.flatnonzero(keep)
   take = pa.array(rows)
-  users, domains, items = (ids[c].take(take).to_pylist() for c in ID_COLUMNS)
-  splits = [s or None for s in split_text.take(take).to_pylist()]
+  users, domains, items = (_shared_strings(ids[c].take(take)) for c in ID_COLUMNS)
+  splits = [s or None for s in _shared_strings(split_text.take(take))]
   out = list(map(Interaction, users, domains, items, label[rows].tolist(), order[rows].tolist(),
                  splits, [table.place] * len(rows), rows.tolist()))
   if not out:
@@ -270,6 +270,14 @@ def read_interactions(path: pathlib.Path, *, bad_rows: str = "fail",
   log.info("%s: read %d rows (%d kept) in %.1f s", path, n + len(table.malformed), len(out),
            time.perf_counter() - start)
   return out
+
+
+def _shared_strings(column: pa.Array) -> list[str]:
+  """``column.to_pylist()``, with one str object per distinct value: IDs and domains repeat, and
+  a shared str is hashed once for every dict and set it meets downstream, not once per row."""
+  encoded = pc.dictionary_encode(column)
+  distinct = encoded.dictionary.to_pylist()
+  return list(map(distinct.__getitem__, encoded.indices.to_numpy(zero_copy_only=False).tolist()))
 
 
 def check_against_items(interactions: list[Interaction], items: dict[tuple[str, str], Item],

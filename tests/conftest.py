@@ -38,6 +38,19 @@ def tiny_checkpoint(tmp_path_factory):
                                        extra_words=synthetic.vocabulary_words())
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """(workdir, config) of a finished configs/tiny.py run (6 steps, checkpoints 3 and 6), trained
+  once per process for test_score, test_checkpoint_layout and test_train: read it only; a test
+  that changes the run works on a copy."""
+  from crossrec_jax import train  # pylint: disable=import-outside-toplevel
+  from test_train import load_config  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path_factory.mktemp("tiny_run") / "run"
+  config = load_config(**{"data.data_dir": str(tmp_path_factory.mktemp("tfds"))})
+  train.train_and_evaluate(config, workdir)
+  return workdir, config
+
+
 def shared_data(name):
   path = SHARED_DATA / name
   return pytest.mark.skipif(not path.is_dir(), reason=f"{path} is absent (licensed data, CI only)")(

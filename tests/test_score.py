@@ -17,17 +17,15 @@ from crossrec_jax import evaluate as eval_lib
 from crossrec_jax import score, train
 from crossrec_jax.data import SyntheticConfig, synthetic
 
-from test_train import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("run")
-  config = load_config(**{"data.data_dir": str(tmp_path_factory.mktemp("tfds"))})
-  train.train_and_evaluate(config, workdir)
-  return workdir, config
+def trained(tiny_run):
+  """The session's finished tiny run (conftest.py), shared with test_train and
+  test_checkpoint_layout: read-only here."""
+  return tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -497,11 +497,10 @@ def test_training_stops_early_when_best_metric_stops_improving(tmp_path, data_di
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, data_dir):
-  """A finished 6-step run (checkpoints 3 and 6), copied by the tests that damage it."""
-  workdir = tmp_path_factory.mktemp("finished") / "run"
-  train.train_and_evaluate(load_config(**{"data.data_dir": data_dir}), workdir)
-  return workdir
+def finished_run(tiny_run):
+  """A finished 6-step run (checkpoints 3 and 6; the session's, from conftest.py), copied by
+  the tests that damage it."""
+  return tiny_run[0]
 
 
 def _flip_bytes(path):

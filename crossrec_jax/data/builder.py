@@ -24,7 +24,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from crossrec_jax.data import fast_write, link_secret, movielens, synthetic
-from crossrec_jax.data.processing import ProcessingConfig, build_examples
+from crossrec_jax.data.examples import build_examples
+from crossrec_jax.data.processing import ProcessingConfig
 from crossrec_jax.data.records import (DataError, ValidationReport, check_against_items, find_table,
                                        read_interactions, read_items)
 

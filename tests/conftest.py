@@ -10,7 +10,8 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is fetched from a hub in tests
 # Link secrets generated for test data sets go to a temporary folder, not ~/.config.
-os.environ.setdefault("CROSSREC_SECRETS_DIR", __import__("tempfile").mkdtemp(prefix="crossrec_secrets_"))
+if "CROSSREC_SECRETS_DIR" not in os.environ:  # made once, by the first process; workers inherit it
+  os.environ["CROSSREC_SECRETS_DIR"] = __import__("tempfile").mkdtemp(prefix="crossrec_secrets_")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # One persistent compilation cache per test run, made here by the first process (xdist's
 # controller) and inherited, like the secrets folder, by the xdist workers and every CLI

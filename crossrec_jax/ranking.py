@@ -41,29 +41,43 @@ def _exclusion_mask(n: int, num_items: int, exclude):
   return mask.at[rows, jnp.where(exclude >= 0, exclude, num_items)].set(True, mode="drop")
 
 
-@jax.jit
-def _rank_block(scores, target, exclude):
-  n, num_items = scores.shape
-  scores = scores.astype(jnp.float32)
+def candidate_mask(target, exclude, num_items: int):
+  """[n, N] True for the items left out of each row's ranking; the target always competes."""
+  n = target.shape[0]
   excluded = _exclusion_mask(n, num_items, exclude)
-  excluded = excluded.at[jnp.arange(n), target].set(False)       # the target always competes
+  return excluded.at[jnp.arange(n), target].set(False)
+
+
+def rank_with_mask(scores, target, excluded):
+  """0-based rank of each row's target among the items not ``excluded`` (ties count half)."""
+  scores = scores.astype(jnp.float32)
   target_score = jnp.take_along_axis(scores, target[:, None], 1)
   higher = jnp.sum((scores > target_score) & ~excluded, 1)
   ties = jnp.sum((scores == target_score) & ~excluded, 1) - 1
-  return higher + 0.5 * ties, num_items - jnp.sum(excluded, 1)
+  return higher + 0.5 * ties
+
+
+@jax.jit
+def _rank_block(scores, target, exclude):
+  excluded = candidate_mask(target, exclude, scores.shape[1])
+  return rank_with_mask(scores, target, excluded), scores.shape[1] - jnp.sum(excluded, 1)
+
+
+def row_blocks(exclude: sp.csr_matrix | None, n: int, num_items: int, block: int = 1024):
+  """(rows, padded excluded indices) per block of ``block`` rows: the device rankers' input."""
+  exclude = sp.csr_matrix(exclude if exclude is not None else (n, num_items))
+  for start in range(0, n, block):
+    rows = slice(start, min(start + block, n))
+    yield rows, _padded_indices(exclude, rows)
 
 
 def rank_of_targets(scores, target: np.ndarray, exclude: sp.csr_matrix | None = None,
                     block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
   """(0-based rank of each row's target, number of candidates), as ``metrics.rank_of_target``."""
-  n = len(target)
-  exclude = exclude if exclude is not None else sp.csr_matrix((n, scores.shape[1]))
-  exclude = sp.csr_matrix(exclude)
   ranks, candidates = [], []
-  for start in range(0, n, block):
-    rows = slice(start, min(start + block, n))
+  for rows, excluded in row_blocks(exclude, len(target), scores.shape[1], block):
     r, c = _rank_block(jnp.asarray(scores[rows]), jnp.asarray(target[rows], jnp.int32),
-                       jnp.asarray(_padded_indices(exclude, rows)))
+                       jnp.asarray(excluded))
     ranks.append(np.asarray(r))
     candidates.append(np.asarray(c))
   if not ranks:

@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
+from tensorflow_datasets.proto import tf_example_pb2
 
-from crossrec_jax.data.builder import decode_text
 from crossrec_jax.data.processing import CONTEXT_SPLITS
 
 _SPLITS = ("train", "valid", "test", "history")
@@ -84,34 +84,33 @@ class InteractionData:
 
   @classmethod
   def _read_records(cls, builder, domains) -> "InteractionData":
+    """Parses the stored tf.train.Example records directly, reading only the fields this view
+    needs: tfds's per-feature NumPy decoding of every field (profiles, histories) took ~45 s
+    for Amazon Arts x Office's 245k records, this ~5 s."""
     sources = builder.as_data_source()
     names = [d["name"] for d in domains]
     per_domain = [[] for _ in names]
     texts = [[] for _ in names]
     tags = [[] for _ in names]
-    items = sources["items"]
-    for n in range(len(items)):
-      r = items[n]
-      d = names.index(decode_text(r["domain"]))
-      per_domain[d].append(decode_text(r["item_id"]))
-      texts[d].append(decode_text(r["item_text"]))
-      tags[d].append([decode_text(t) for t in r["item_tags"]])
+    for f in _raw_features(sources["items"]):
+      d = names.index(_text(f, "domain"))
+      per_domain[d].append(_text(f, "item_id"))
+      texts[d].append(_text(f, "item_text"))
+      tags[d].append(_texts(f, "item_tags"))
     columns = collections.defaultdict(list)
     user_tags = {}
     for split in _SPLITS:
       if split not in sources:
         continue
-      source = sources[split]
-      for start in range(0, len(source), 4096):
-        for r in source.__getitems__(list(range(start, min(start + 4096, len(source))))):
-          columns["user_key"].append(decode_text(r["user_key"]))
-          if len(r["user_tags"]):
-            user_tags[columns["user_key"][-1]] = [decode_text(t) for t in r["user_tags"]]
-          columns["domain"].append(decode_text(r["domain"]))
-          columns["item_id"].append(decode_text(r["item_id"]))
-          columns["label"].append(float(r["label"]))
-          columns["order"].append(float(r["order"]))
-          columns["split"].append(split)
+      for f in _raw_features(sources[split]):
+        columns["user_key"].append(_text(f, "user_key"))
+        if f["user_tags"].bytes_list.value:
+          user_tags[columns["user_key"][-1]] = _texts(f, "user_tags")
+        columns["domain"].append(_text(f, "domain"))
+        columns["item_id"].append(_text(f, "item_id"))
+        columns["label"].append(f["label"].float_list.value[0])
+        columns["order"].append(f["order"].float_list.value[0])
+        columns["split"].append(split)
     return cls.from_columns(domains, per_domain, texts, item_tags=tags, user_tags=user_tags,
                             **columns)
 
@@ -238,3 +237,18 @@ class Queries:
     return Queries(self.user[idx], self.domain[idx], self.item[idx], self.label[idx],
                    self.context[idx], self.row[idx],
                    None if self.history is None else self.history[idx])
+
+
+def _raw_features(source, block: int = 4096):
+  """The feature maps of a tfds data source's records, in order, without tfds's decoding."""
+  for start in range(0, len(source), block):
+    for raw in source.data_source.__getitems__(list(range(start, min(start + block, len(source))))):
+      yield tf_example_pb2.Example.FromString(raw).features.feature
+
+
+def _text(features, key: str) -> str:
+  return features[key].bytes_list.value[0].decode("utf-8")
+
+
+def _texts(features, key: str) -> list[str]:
+  return [v.decode("utf-8") for v in features[key].bytes_list.value]

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from crossrec_jax import baselines as bl
@@ -131,10 +131,13 @@ def evaluate_and_report(model: Stage1Model, data: InteractionData, step: int, wo
   return results
 
 
-def _inputs(config, workdir: pathlib.Path, secret=None):
+def _inputs(config, workdir: epath.Path, secret=None):
   """The data, cached item text vectors, settings and checkpoint description of a run."""
   secret = secret or resolve_link_secret(config)
   data = InteractionData.from_builder(prepare_data(config, secret))
+  # The encoder loads from a local directory (transformers / safetensors read local files only):
+  # "generated:tiny" writes its checkpoint under the workdir, so it needs a local workdir; a
+  # bucket workdir uses a local or hub checkpoint. The text cache itself may be in the bucket.
   text = text_cache.cached_vectors(str(resolve_model_checkpoint(config, workdir)), data.item_texts,
                                    config.data.item_max_length, cache_dir=workdir / "text_cache")
   settings = HybridSettings.from_config(config, data)
@@ -167,7 +170,7 @@ def load(workdir, config, secret=None) -> tuple[Stage1Model, InteractionData, in
   """The served model of a stage-1 run directory, exactly as its evaluation used it: the
   network from the newest checkpoint, the CF parts refitted on the same train split (they are
   deterministic functions of it) and the saved fusion weights."""
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)  # gs://bucket/run stays intact (pathlib: gs:/bucket/run)
   data, text, settings, meta = _inputs(config, workdir, secret)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
   try:
@@ -181,7 +184,7 @@ def load(workdir, config, secret=None) -> tuple[Stage1Model, InteractionData, in
 
 
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)  # gs://bucket/run stays intact (pathlib: gs:/bucket/run)
   workdir.mkdir(parents=True, exist_ok=True)
   data, text, settings, meta = _inputs(config, workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from crossrec_jax import adversarial, stage1_run, text_cache
@@ -111,7 +111,7 @@ def _tokens(tokenizer, texts, max_length: int) -> tuple[np.ndarray, np.ndarray]:
   return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
 
-def _stage1(config, workdir: pathlib.Path):
+def _stage1(config, workdir: epath.Path):
   """The stage-1 run of ``workdir`` (trained now if it has none): data, raw cached item vectors,
   settings, its checkpoint description and the fitted hybrid network."""
   data, text, settings, meta = stage1_run._inputs(config, workdir)  # pylint: disable=protected-access
@@ -130,7 +130,8 @@ def _stage1(config, workdir: pathlib.Path):
   return data, text, settings, meta, restored[1]
 
 
-def _encoder(config, workdir: pathlib.Path):
+def _encoder(config, workdir: epath.Path):
+  # A local directory: hf.load_bert / load_tokenizer read local files only (see stage1_run._inputs).
   directory = resolve_model_checkpoint(config, workdir)
   return directory, hf.load_bert(directory)
 
@@ -156,7 +157,7 @@ def _params_abstract(tree):
 
 def has_stage2(workdir) -> bool:
   """Whether the run directory holds a finished stage-2 model."""
-  directory = pathlib.Path(workdir) / SUBDIR / "checkpoints"
+  directory = epath.Path(workdir) / SUBDIR / "checkpoints"  # gs://bucket/run stays intact
   if not directory.is_dir():
     return False
   checkpointer = ckpt_lib.Checkpointer(directory, keep=1, async_save=False)
@@ -169,7 +170,7 @@ def has_stage2(workdir) -> bool:
 def load(workdir, config, secret=None):
   """The served model of a run directory: stage 2's when it has a stage-2 checkpoint, else
   stage 1's (``stage1_run.load``). Returns (model, data, step)."""
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)  # gs://bucket/run stays intact (pathlib: gs:/bucket/run)
   if not has_stage2(workdir):
     return stage1_run.load(workdir, config, secret)
   checkpointer = ckpt_lib.Checkpointer(workdir / SUBDIR / "checkpoints", keep=1,
@@ -200,19 +201,24 @@ def load(workdir, config, secret=None):
 VECTORS_FILE = "item_vectors.npy"
 
 
-def _read_vectors(workdir: pathlib.Path, num_items: int):
+def _read_vectors(workdir: epath.Path, num_items: int):
+  path = workdir / SUBDIR / VECTORS_FILE
   try:
-    vectors = np.load(workdir / SUBDIR / VECTORS_FILE, allow_pickle=False)
+    if not path.exists():  # a bucket backend's "not found" need not be an OSError
+      return None
+    with path.open("rb") as f:  # np.load(path) would open "gs://..." as a local file
+      vectors = np.load(f, allow_pickle=False)
   except (OSError, ValueError):
     return None
   return vectors if vectors.ndim == 2 and len(vectors) == num_items else None
 
 
-def _write_vectors(workdir: pathlib.Path, vectors: np.ndarray) -> None:
+def _write_vectors(workdir: epath.Path, vectors: np.ndarray) -> None:
   path = workdir / SUBDIR / VECTORS_FILE
   tmp = path.with_suffix(".tmp.npy")
-  np.save(tmp, vectors, allow_pickle=False)
-  tmp.replace(path)  # never a truncated file under the final name
+  with tmp.open("wb") as f:  # np.save(path) would open "gs://..." as a local file
+    np.save(f, vectors, allow_pickle=False)
+  tmp.replace(path)  # never a truncated file under the final name (a bucket: copy + delete)
 
 
 def _meta(stage1_meta):
@@ -220,7 +226,7 @@ def _meta(stage1_meta):
 
 
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)  # gs://bucket/run stays intact (pathlib: gs:/bucket/run)
   workdir.mkdir(parents=True, exist_ok=True)
   ft = config.fine_tune
   data, text, stage1_settings, meta, hybrid = _stage1(config, workdir)

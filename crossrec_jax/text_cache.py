@@ -19,6 +19,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -119,11 +120,14 @@ def cached_vectors(checkpoint: str, texts: Sequence[str], max_length: int, *,
   leaves a truncated file under a final name.
   """
   encoder = encoder or TextEncoder(checkpoint)
-  directory = pathlib.Path(cache_dir or DEFAULT_CACHE_DIR)
+  # epath: a gs://bucket/run/text_cache cache_dir stays in the bucket (pathlib: gs:/bucket/...),
+  # hence open() rather than np.load / np.save / os.replace on the path.
+  directory = epath.Path(cache_dir or DEFAULT_CACHE_DIR)
   path = directory / f"{cache_key(encoder.fingerprint(), texts, max_length)}.npy"
   if path.is_file():
     try:
-      vectors = np.load(path, allow_pickle=False)
+      with path.open("rb") as f:
+        vectors = np.load(f, allow_pickle=False)
       if vectors.shape == (len(texts), encoder.dim):
         return vectors
     except (ValueError, OSError):
@@ -132,6 +136,7 @@ def cached_vectors(checkpoint: str, texts: Sequence[str], max_length: int, *,
   if jax.process_index() == 0:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, vectors, allow_pickle=False)
-    os.replace(tmp, path)
+    with tmp.open("wb") as f:
+      np.save(f, vectors, allow_pickle=False)
+    tmp.replace(path)  # os.replace locally; a bucket: copy + delete
   return vectors

@@ -54,3 +54,114 @@ def test_stage2_starts_at_stage1_then_fine_tunes_resumes_and_serves(tmp_path, ca
   _assert_metrics_close(evaluate.evaluate_workdir(run, "test"), longer["metrics"], atol=1e-5)
   assert stage2.has_stage2(run)
   _scores_the_stage1_run(config(2), tmp_path)
+
+
+def test_gs_workdir_stays_a_bucket_url_in_stage1_and_stage2(monkeypatch, tmp_path):
+  """``gs://bucket/run`` stays a bucket URL through stage 1 (train, load) and stage 2 (its
+  checkpoint directory, the tuned item vectors) all the way to Orbax and the bucket (pathlib would
+  make it ``gs:/bucket/run``, a local folder). No network: Orbax's manager is faked, etils'
+  ``mock_epath`` puts the bucket in a local folder, and the data, encoder and training are stubs."""
+  import dataclasses
+  import os
+  import types
+
+  import ml_collections
+  import pytest
+  from etils import epath
+  from etils.epath import testing as epath_testing
+  from flax import nnx
+
+  from crossrec_jax import checkpoint as ckpt_lib, stage1_run, text_cache
+
+  monkeypatch.chdir(tmp_path)  # a collapsed gs:/bucket/run would be created here, not in the repo
+  store = tmp_path / "store"   # the bucket's contents: gs://bucket/x -> store/bucket/x
+
+  def to_store(p):
+    p = os.fspath(p) if isinstance(p, (str, os.PathLike)) else p
+    if isinstance(p, str) and p.startswith("gs://"):
+      return str(store / p[len("gs://"):])
+    return p
+
+  def redirect(fn, *args, **kwargs):
+    return fn(*map(to_store, args), **kwargs)
+
+  seen = []  # the directories Orbax's manager is given
+
+  class FakeManager:
+    def __init__(self, directory, **kwargs):
+      del kwargs
+      seen.append(str(directory))
+
+    def all_steps(self):
+      return []
+
+    def save(self, step, **kwargs):
+      del step, kwargs
+
+    def wait_until_finished(self):
+      pass
+
+    def close(self):
+      pass
+
+  class FakeEncoder:  # what text_cache.cached_vectors needs of the frozen encoder
+    dim = 3
+
+    def __init__(self, checkpoint):
+      del checkpoint
+
+    def fingerprint(self):
+      return "fake"
+
+    def encode(self, texts, max_length, progress=False):
+      del max_length, progress
+      return np.ones((len(texts), self.dim), np.float32)
+
+  @dataclasses.dataclass
+  class Settings:
+    epochs: int = 1
+
+  calls = {"encoder": [], "metrics": []}  # the workdirs the encoder / metrics writer are given
+
+  def model_checkpoint(config, workdir):
+    calls["encoder"].append(str(workdir))
+    return "encoder"
+
+  data = types.SimpleNamespace(item_texts=["a", "b"], domains=[], num_users=1, num_items=2)
+  monkeypatch.setattr(ckpt_lib.ocp, "CheckpointManager", FakeManager)
+  monkeypatch.setattr(text_cache, "TextEncoder", FakeEncoder)
+  monkeypatch.setattr(stage1_run, "resolve_link_secret", lambda config: types.SimpleNamespace(
+      digest="d", origin="test", file=""))
+  monkeypatch.setattr(stage1_run, "prepare_data", lambda config, secret: None)
+  monkeypatch.setattr(stage1_run, "InteractionData",
+                      types.SimpleNamespace(from_builder=lambda builder: data))
+  monkeypatch.setattr(stage1_run, "resolve_model_checkpoint", model_checkpoint)
+  monkeypatch.setattr(stage1_run, "HybridSettings",
+                      types.SimpleNamespace(from_config=lambda config, data: Settings()))
+  monkeypatch.setattr(stage1_run, "fit_hybrid", lambda *a, **k: types.SimpleNamespace(
+      model=nnx.Linear(1, 1, rngs=nnx.Rngs(0))))
+  monkeypatch.setattr(stage1_run, "evaluate_and_report",
+                      lambda model, data, step, workdir, label: calls["metrics"].append(str(workdir)))
+  config = ml_collections.ConfigDict({"data": {"item_max_length": 8}})
+
+  ops = ("open", "copy", "rename", "exists", "glob", "walk", "isdir", "listdir", "makedirs",
+         "mkdir", "remove", "replace", "rmtree", "stat")
+  with epath_testing.mock_epath(**{op: redirect for op in ops}):
+    stage1_run.train_and_evaluate(config, "gs://bucket/run")  # the default (stage-1) training
+    assert seen == ["gs://bucket/run/checkpoints"], seen
+    assert calls == {"encoder": ["gs://bucket/run"], "metrics": ["gs://bucket/run"]}, calls
+    assert len(list((store / "bucket" / "run" / "text_cache").glob("*.npy"))) == 1
+
+    (store / "bucket" / "run" / "fine_tune" / "checkpoints").mkdir(parents=True)
+    assert not stage2.has_stage2("gs://bucket/run")  # an empty stage-2 checkpoint folder
+    assert seen[-1] == "gs://bucket/run/fine_tune/checkpoints", seen
+    with pytest.raises(ckpt_lib.CheckpointIncompatibleError, match="^gs://bucket/run: no stage-1"):
+      stage2.load("gs://bucket/run", config)       # no stage-2 model: stage 1's, via stage1_run.load
+    assert seen[-1] == "gs://bucket/run/checkpoints" and calls["encoder"][-1] == "gs://bucket/run"
+
+    vectors = np.arange(6, dtype=np.float32).reshape(2, 3)
+    stage2._write_vectors(epath.Path("gs://bucket/run"), vectors)  # pylint: disable=protected-access
+    assert (store / "bucket" / "run" / "fine_tune" / stage2.VECTORS_FILE).is_file()
+    np.testing.assert_array_equal(
+        stage2._read_vectors(epath.Path("gs://bucket/run"), 2), vectors)  # pylint: disable=protected-access
+  assert not (tmp_path / "gs:").exists()  # nothing went to a collapsed local gs:/bucket path

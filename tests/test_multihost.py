@@ -34,28 +34,37 @@ def _env(devices):
 
 
 def _port_taken(output):
+  # jaxlib 0.10's coordinator (gRPC on [::]:port) reports a taken port only as "Failed to add
+  # port to server: No address added" and then "Failed to start RPC server".
   return any(m in output for m in ("Address already in use", "address already in use",
-                                   "Failed to bind", "failed to bind"))
+                                   "Failed to bind", "failed to bind",
+                                   "Failed to add port to server", "Failed to start RPC server"))
 
 
-def _run_two_processes(workdir, data_dir, logs, *flags):
+def _run_two_processes(workdir, data_dir, logs, *flags, exit_code=0, while_running=None,
+                       timeout=600):
   """Both processes write to files, not pipes (a full pipe would block a process inside a
-  collective while we wait on the other). The coordinator port is free when picked but could
-  be taken before process 0 binds it: then the attempt is repeated on a new port."""
+  collective while we wait on the other). ``while_running(procs, paths)`` acts on them once
+  started (e.g. signals one); then both must end with ``exit_code`` within ``timeout`` s. The
+  coordinator port is free when picked but could be taken before process 0 binds it: then the
+  attempt is repeated on a new port."""
   for attempt in range(3):
     port = _free_port()
     paths = [pathlib.Path(logs) / f"attempt{attempt}_process{i}.log" for i in range(2)]
     procs = []
-    for i, path in enumerate(paths):
-      with open(path, "w") as f:
-        procs.append(subprocess.Popen(
-            _command(workdir, data_dir, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                     "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                     *flags), env=_env(4), stdout=f, stderr=subprocess.STDOUT))
-    deadline = time.time() + 600
-    try:  # one failed process (e.g. the port was taken) ends the attempt: the other would wait
-      while time.time() < deadline and any(p.poll() is None for p in procs) and \
-          not any(p.poll() for p in procs):
+    failed = lambda: any(p.poll() not in (None, exit_code) for p in procs)
+    try:
+      for i, path in enumerate(paths):
+        with open(path, "w") as f:
+          procs.append(subprocess.Popen(_command(
+              workdir, data_dir, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+              "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+              *flags), env=_env(4), stdout=f, stderr=subprocess.STDOUT))
+      if while_running is not None:
+        while_running(procs, paths)
+      deadline = time.time() + timeout
+      # One failed process (e.g. the port was taken) ends the attempt: the other would wait.
+      while time.time() < deadline and any(p.poll() is None for p in procs) and not failed():
         time.sleep(0.2)
     finally:
       for p in procs:
@@ -63,10 +72,10 @@ def _run_two_processes(workdir, data_dir, logs, *flags):
           p.kill()
           p.wait()
     outputs = [path.read_text() for path in paths]
-    if any(p.returncode for p in procs) and any(_port_taken(o) for o in outputs):
+    if failed() and any(_port_taken(o) for o in outputs):
       continue
     for p, out in zip(procs, outputs):
-      assert p.returncode == 0, out[-4000:]
+      assert p.returncode == exit_code, out[-4000:]
     return outputs
   raise AssertionError(f"no free coordinator port after 3 attempts:\n{outputs[0][-2000:]}")
 
@@ -100,34 +109,22 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_exits_143(tmp_pa
   """SIGTERM reaches one host only (as on a preempted pod worker): JAX's preemption service
   tells the other, both save the same step and exit 143 so the scheduler re-runs the job."""
   import signal
-  import time
   workdir, data_dir = tmp_path / "run", tmp_path / "tfds"
-  port = _free_port()
-  logs = [tmp_path / f"process{i}.log" for i in range(2)]
-  procs = []
-  for i in range(2):
-    with open(logs[i], "w") as log:  # files, not pipes: a full pipe would block the child
-      procs.append(subprocess.Popen(
-          _command(workdir, data_dir, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                   "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                   "--config.train_steps=100000", "--config.checkpoint_every=0",
-                   "--config.adversarial.method=none"),  # half the compile time; same save path
-          env=_env(4), stdout=log, stderr=subprocess.STDOUT))
-  try:
+
+  def sigterm_after_two_logged_steps(procs, paths):
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 400
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-      assert time.time() < deadline and all(p.poll() is None for p in procs), \
-          [l.read_text()[-3000:] for l in logs]
+      if any(p.poll() is not None for p in procs):
+        return  # ended early (e.g. the port was taken): _run_two_processes says what happened
+      assert time.time() < deadline, [path.read_text()[-3000:] for path in paths]
       time.sleep(0.5)
     procs[1].send_signal(signal.SIGTERM)  # the non-primary host only
-    codes = [p.wait(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  outputs = [l.read_text() for l in logs]
-  assert codes == [143, 143], [o[-3000:] for o in outputs]
+
+  outputs = _run_two_processes(
+      workdir, data_dir, tmp_path, "--config.train_steps=100000", "--config.checkpoint_every=0",
+      "--config.adversarial.method=none",  # half the compile time; same save path
+      exit_code=143, while_running=sigterm_after_two_logged_steps, timeout=300)
   saved = [int(o.split("SIGTERM received: saved step ")[1].split()[0]) for o in outputs]
   assert saved[0] == saved[1], saved
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())

@@ -41,6 +41,14 @@ def _grep(root: pathlib.Path, needles) -> list[str]:
   return hits
 
 
+def _one_step_run(data, data_dir, workdir) -> list[str]:
+  """The train command line of a one-step run on bring-your-own ``data``."""
+  return ["train", f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", "--config.data.source=byo",
+          f"--config.data.path={data}", "--config.train_steps=1", "--config.eval_every=0",
+          "--config.data.eval_limit=8", "--config.adversarial.method=none"]
+
+
 def test_secret_and_raw_ids_appear_in_no_file_and_no_output(tmp_path, monkeypatch, capfd):
   # A real one-step run (about a minute of compilation on 2 CPU cores): only a run writes every
   # artefact that could leak (tfds files, checkpoint metadata, metrics, TensorBoard events).
@@ -48,10 +56,7 @@ def test_secret_and_raw_ids_appear_in_no_file_and_no_output(tmp_path, monkeypatc
   monkeypatch.setenv("CROSSREC_LINK_SECRET", secret)
   data, raw_ids = _byo_with_raw_ids(tmp_path / "byo")
   data_dir, workdir = tmp_path / "tfds", tmp_path / "run"
-  argv = ["train", f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={workdir}",
-          f"--config.data.data_dir={data_dir}", "--config.data.source=byo",
-          f"--config.data.path={data}", "--config.train_steps=1", "--config.eval_every=0",
-          "--config.data.eval_limit=8", "--config.adversarial.method=none"]
+  argv = _one_step_run(data, data_dir, workdir)
   assert train.cli_main(argv) == 0
   assert evaluate.cli_main(["evaluate", f"--workdir={workdir}", "--split=test",
                             "--limit=8"]) == 0
@@ -71,6 +76,56 @@ def test_secret_and_raw_ids_appear_in_no_file_and_no_output(tmp_path, monkeypatc
   monkeypatch.delenv("CROSSREC_LINK_SECRET")
   with pytest.raises(score.ScoringError, match="CROSSREC_LINK_SECRET"):
     score.scoring_secret(meta)
+
+
+def _snapshot(root: pathlib.Path) -> dict[str, tuple[int, int]]:
+  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in root.rglob("*")}
+
+
+def test_a_wrong_secret_is_refused_at_evaluate_and_resume_and_changes_nothing(tmp_path, monkeypatch,
+                                                                            capfd):
+  """Evaluate and resume check the secret against the checkpoint's digest: with another one they
+  would silently link a differently keyed copy of the data (every user a stranger to the model).
+  The one-step run of the test above: its compiled programs come from the test run's cache."""
+  right, wrong = "kV9-private-linkage-secret-7f3e", "another-teams-secret-51c0"
+  monkeypatch.delenv("CROSSREC_LINK_SECRET_FILE", raising=False)
+  monkeypatch.delenv("CROSSREC_TRACEBACK", raising=False)  # the one-line form is checked
+  monkeypatch.setenv("CROSSREC_LINK_SECRET", right)
+  data, _ = _byo_with_raw_ids(tmp_path / "byo")
+  data_dir, workdir = tmp_path / "tfds", tmp_path / "run"
+  argv = _one_step_run(data, data_dir, workdir)
+  assert train.cli_main(argv) == 0
+  capfd.readouterr()
+  before = _snapshot(workdir)
+  wrong_file = tmp_path / "wrong_secret"
+  wrong_file.write_text(wrong + "\n")
+  wrong_file.chmod(0o600)
+  evaluate_argv = ["evaluate", f"--workdir={workdir}", "--split=test", "--limit=8"]
+  monkeypatch.setenv("CROSSREC_LINK_SECRET", wrong)
+  cases = [("evaluate, CROSSREC_LINK_SECRET", lambda: evaluate.cli_main(evaluate_argv),
+            ["does not match environment CROSSREC_LINK_SECRET", link_secret.digest(right)]),
+           ("resume, CROSSREC_LINK_SECRET", lambda: train.cli_main(
+               [a.replace("train_steps=1", "train_steps=2") for a in argv]),
+            ["linked with another secret", link_secret.digest(right), link_secret.digest(wrong)])]
+  for name, run, words in cases:
+    assert run() == 2, name
+    out = capfd.readouterr()
+    lines = [l for l in out.err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in out.err, (name, out.err[-3000:])
+    assert all(w in lines[0] for w in words), (name, words, lines[0])
+    assert not [s for s in (right, wrong) if s in out.out + out.err], f"{name}: a secret printed"
+    assert _snapshot(workdir) == before, f"{name}: the workdir changed"
+  monkeypatch.delenv("CROSSREC_LINK_SECRET")
+  assert evaluate.cli_main(evaluate_argv + [f"--link_secret_file={wrong_file}"]) == 2
+  lines = [l for l in capfd.readouterr().err.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and f"does not match file {wrong_file}" in lines[0], lines
+  assert _snapshot(workdir) == before, "evaluate --link_secret_file: the workdir changed"
+  right_file = tmp_path / "right_secret"  # the control: the training secret is accepted
+  right_file.write_text(right + "\n")
+  right_file.chmod(0o600)
+  assert evaluate.cli_main(evaluate_argv + [f"--link_secret_file={right_file}"]) == 0, \
+      capfd.readouterr().err[-3000:]
 
 
 def test_real_data_gets_a_private_generated_secret_never_the_public_one(tmp_path, monkeypatch,

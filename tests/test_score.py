@@ -99,6 +99,10 @@ def test_cli_pairs_and_top_k(trained, files, tmp_path):
   workdir, _ = trained
   out = _cli(workdir, files, tmp_path / "pairs.parquet", f"--pairs={files / 'pairs.csv'}")
   assert out.returncode == 0, out.stderr[-3000:]
+  # Without --step the newest step is scored, and the console and the counts say which.
+  newest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert f"Scoring with checkpoint step {newest} of " in out.stderr, out.stderr[-3000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1])["step"] == newest
   table = pq.read_table(tmp_path / "pairs.parquet")
   n_pairs = sum(1 for _ in open(files / "pairs.csv")) - 1
   assert table.num_rows == n_pairs
@@ -120,6 +124,36 @@ def test_cli_pairs_and_top_k(trained, files, tmp_path):
   assert len(users) > 10
   leaked = [r for r in top if (r["user_id"], r["domain"], r["item_id"]) in seen]
   assert not leaked, f"{len(leaked)} recommended items are in the user's history, e.g. {leaked[:3]}"
+
+
+def test_cli_step_scores_that_older_step_and_a_missing_step_is_one_line(trained, files, tmp_path,
+                                                                        capsys, monkeypatch):
+  """``--step N`` restores step N (printed, in the counts, and other scores than the newest
+  step's); a step that is not in the workdir is a one-line error naming the steps there."""
+  monkeypatch.delenv("CROSSREC_TRACEBACK", raising=False)  # the one-line form is checked
+  workdir, _ = trained
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(steps) >= 2, steps  # the tiny run keeps steps 3 and 6
+  older, newest = steps[0], steps[-1]
+  argv = lambda output, *flags: ["score", f"--checkpoint={workdir}",
+                                 f"--users={files / 'interactions.csv'}",
+                                 f"--items={files / 'items.csv'}",
+                                 f"--pairs={files / 'pairs.csv'}", f"--output={output}", *flags]
+  scores = {}
+  for step, flags in ((older, [f"--step={older}"]), (newest, [])):
+    assert score.cli_main(argv(tmp_path / f"{step}.parquet", *flags)) == 0
+    out = capsys.readouterr()
+    assert f"Scoring with checkpoint step {step} of " in out.err, out.err[-3000:]
+    assert json.loads(out.out.strip().splitlines()[-1])["step"] == step
+    scores[step] = pq.read_table(tmp_path / f"{step}.parquet").column("score").to_numpy()
+  assert not np.allclose(scores[older], scores[newest]), "--step scored the newest weights"
+  missing = next(s for s in range(1, newest + 2) if s not in steps)
+  code = score.cli_main(argv(tmp_path / "missing.parquet", f"--step={missing}"))
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if l.startswith("error:")]
+  assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+  assert f"no step {missing}; available: {steps}" in lines[0], lines[0]
+  assert not (tmp_path / "missing.parquet").exists() and not list(tmp_path.glob("*.partial"))
 
 
 @pytest.mark.parametrize("case,pattern", [

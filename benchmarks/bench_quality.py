@@ -38,10 +38,10 @@ import ml_collections
 import numpy as np
 import scipy.sparse as sp
 
-from crossrec_jax import cli
+from crossrec_jax import cli, errors
 from crossrec_jax import baselines as bl
 from crossrec_jax import config_defaults, fusion, metrics, ranking, text_cache, train
-from crossrec_jax.cached_training import HybridSettings, fit_hybrid
+from crossrec_jax.training.hybrid import HybridSettings, fit_hybrid
 from crossrec_jax.interactions import InteractionData, Queries
 
 COLD_ITEM_MAX_TRAIN = 2  # a target whose item has at most this many train interactions is "cold"
@@ -388,7 +388,7 @@ def parse_args(argv) -> types.SimpleNamespace:
   """The flags of ``argv`` (without the program name); ``hybrid``: the HybridSettings fields
   set with ``--config.hybrid.FIELD=VALUE``."""
   fv = cli.parse_flags(["bench_quality.py", *argv], _define_flags,
-                       config_doc="HybridSettings in crossrec_jax/cached_features.py")
+                       config_doc="HybridSettings in crossrec_jax/training/inputs.py")
   hybrid = {k: v for k, v in fv.config.hybrid.items() if v is not None}
   if isinstance(hybrid.get("use_user_ids"), str) and hybrid["use_user_ids"].lower() in ("true",
                                                                                         "false"):
@@ -400,7 +400,7 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   data_path = pathlib.Path(args.data).expanduser().resolve()
   if not data_path.is_dir():
-    raise cli.UsageError(f"--data {args.data}: not a directory (give a MovieLens or bring-your-own data folder)")
+    raise errors.UsageError(f"--data {args.data}: not a directory (give a MovieLens or bring-your-own data folder)")
   source = detect_source(data_path)
   t0 = time.time()
   print(f"bench_quality: {data_path} ({source}); jax {jax.__version__} on "

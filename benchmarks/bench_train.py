@@ -24,10 +24,12 @@ import optax
 from flax import nnx
 
 from crossrec_jax import cli
-from crossrec_jax import adversarial, config_defaults, sharding, steps
+from crossrec_jax import config_defaults, sharding
+from crossrec_jax.training import adversarial
+from crossrec_jax.training import steps
 from crossrec_jax.models import testing
 from crossrec_jax.models import BertConfig, CrossDomainRecommender, DomainSpec, RecommenderConfig
-from crossrec_jax import optim
+from crossrec_jax.training import optim
 
 BERTS = testing.BERT_SIZES
 # Dense bf16 peak FLOP/s per chip / GPU (vendor figures).

@@ -48,7 +48,7 @@ if not CHECKPOINT:  # no trained run given: train a small one first
     spec = importlib.util.spec_from_file_location("cfg", root / "configs" / ("tiny.py" if SMALL else "demo.py"))
     module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
     config = module.get_config()
-    config.stage = "end_to_end"  # the batch scorer below encodes with the fine-tuned encoder
+    config.encoder_mode = "end_to_end"  # the batch scorer below encodes with the fine-tuned encoder
     if DATA_DIR:
         config.data.data_dir = DATA_DIR
     train_and_evaluate(config, WORKDIR)

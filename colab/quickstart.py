@@ -65,7 +65,7 @@ def load_config(name):
     return module.get_config()
 
 config = load_config("tiny" if SMALL else "demo")
-config.stage = "end_to_end"  # this notebook fine-tunes the encoder (stage 2; the demo's default is stage 1)
+config.encoder_mode = "end_to_end"  # this notebook fine-tunes the encoder end to end (the demo's default is frozen)
 if DATA_DIR:
     config.data.data_dir = DATA_DIR
 from crossrec_jax.data.from_config import prepare_data

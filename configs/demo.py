@@ -3,9 +3,9 @@ cross-domain data set. Finishes in a few minutes on a 2-core CPU; no download.
 
 python -m crossrec_jax.train --config configs/demo.py --workdir runs/demo
 
-Stage 1 (the CPU default): frozen MiniLM item vectors, cached, under the hybrid model fused with
-item-item CF. ``--config.stage=end_to_end`` fine-tunes MiniLM end to end instead (stage 2, the
-accelerator path; the settings below the stage line are for it).
+The frozen encoder mode (the default): frozen MiniLM item vectors, cached, under the hybrid model fused with
+item-item CF. ``--config.encoder_mode=end_to_end`` fine-tunes MiniLM end to end instead (the
+accelerator path; the settings below the encoder_mode line are for it).
 """
 
 from crossrec_jax import config_defaults
@@ -13,7 +13,7 @@ from crossrec_jax import config_defaults
 
 def get_config():
   config = config_defaults.base_config()
-  config.stage = "cached"
+  config.encoder_mode = "frozen"
   # The synthetic catalog has 120 items a domain: the full-catalog softmax fits (no sampling).
   config.hybrid.num_negatives = 0
   config.hybrid.epochs = 30

@@ -5,6 +5,7 @@ from crossrec_jax import config_defaults
 
 def get_config():
   config = config_defaults.base_config()
+  config.encoder_mode = "end_to_end"   # the end-to-end tests; the frozen ones override it
   config.model.checkpoint = "generated:tiny"
   config.model.dim = 32
   config.model.tower_dim = 32

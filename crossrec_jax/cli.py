@@ -19,25 +19,7 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
-EXIT_USER_ERROR = 2
-EXIT_DIVERGED = 3
-EXIT_PREEMPTED = 128 + 15  # the shell's code for SIGTERM: schedulers re-queue the job
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work (unknown enum value, impossible size, bad workdir, ...)."""
-
-
-class UsageError(ValueError):
-  """A command-line argument that cannot work (missing file, negative count, ...)."""
-
-
-class ScoringError(ValueError):
-  """Bad scoring input (unknown item, empty file, missing column, ...)."""
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN / inf; the run stops and nothing from it is checkpointed."""
+from crossrec_jax import errors
 
 
 def main_of(fn: Callable[[], object], argv: Sequence[str] | None = None) -> int:
@@ -51,8 +33,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from crossrec_jax.checkpoint import CheckpointIncompatibleError  # pylint: disable=import-outside-toplevel
   from crossrec_jax.data.records import DataError  # pylint: disable=import-outside-toplevel
   from crossrec_jax.models.hf import CheckpointError  # pylint: disable=import-outside-toplevel
-  return (ConfigError, UsageError, DataError, CheckpointError, CheckpointIncompatibleError,
-          ScoringError)
+  return (errors.ConfigError, errors.UsageError, DataError, CheckpointError, CheckpointIncompatibleError,
+          errors.ScoringError)
 
 
 def traceback_requested(argv: Sequence[str] = ()) -> bool:
@@ -75,10 +57,10 @@ def guarded(fn: Callable[[], int | None], verbose: bool) -> int:
     return int(fn() or 0)
   except user_errors() as e:
     report(e, verbose)
-    return EXIT_USER_ERROR
-  except NonFiniteLossError as e:
+    return errors.EXIT_USER_ERROR
+  except errors.NonFiniteLossError as e:
     report(e, verbose, prefix="diverged")
-    return EXIT_DIVERGED
+    return errors.EXIT_DIVERGED
 
 
 def parse_flags(argv: Sequence[str], define: Callable,
@@ -88,7 +70,7 @@ def parse_flags(argv: Sequence[str], define: Callable,
 
   ``define(flag_values, argv)`` declares the flags (config_flags reads ``--config.x=y``
   overrides from argv). A bad flag, a missing / broken config file or a mistyped
-  ``--config.field`` raises ``UsageError``; ``--help`` prints the flags and exits 0.
+  ``--config.field`` raises ``errors.UsageError``; ``--help`` prints the flags and exits 0.
   ``config_doc`` is where the config's fields are listed (named in the unknown-field error).
   """
   from absl import flags  # pylint: disable=import-outside-toplevel
@@ -119,9 +101,9 @@ def parse_flags(argv: Sequence[str], define: Callable,
       message = message.replace(f"flag '{e.flagname}'", f"flag --{e.flagname}")
     elif message.startswith("Missing value for flag"):
       message += " (write it as --KEY=VALUE or --KEY VALUE)"
-    raise UsageError(f"{message} (run with --help for the flags)") from e
+    raise errors.UsageError(f"{message} (run with --help for the flags)") from e
   if rest:  # absl leaves what is not a flag; no command takes positional arguments
-    raise UsageError(f"unexpected argument(s) {rest}: every input is a --flag, and a list is "
+    raise errors.UsageError(f"unexpected argument(s) {rest}: every input is a --flag, and a list is "
                      "comma-separated (--knn_k=20,50) (run with --help for the flags)")
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # absl logging otherwise warns "logging before flag parsing"
@@ -135,9 +117,9 @@ def run_absl(argv: Sequence[str] | None, define: Callable, main: Callable, **kwa
   verbose = traceback_requested(argv)
   try:
     fv = parse_flags(argv, define, **kwargs)
-  except UsageError as e:
+  except errors.UsageError as e:
     report(e, verbose)
-    return EXIT_USER_ERROR
+    return errors.EXIT_USER_ERROR
   except SystemExit as e:  # --help
     return int(e.code or 0)
   return guarded(lambda: main(fv), verbose or fv.verbose)

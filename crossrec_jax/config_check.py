@@ -9,14 +9,14 @@ from typing import Any, Iterable
 
 from etils import epath
 
-from crossrec_jax.cli import ConfigError
+from crossrec_jax.errors import ConfigError
 from crossrec_jax.metrics import RATING_METRICS
 
 K = 10  # the ranking cut-off of evaluation (HR@K, NDCG@K)
 IMPLICIT_METRICS = ("auc", f"hr@{K}", f"ndcg@{K}")
 
 ENUMS: dict[str, tuple[str, ...]] = {
-    "stage": ("end_to_end", "cached", "fine_tune"),
+    "encoder_mode": ("frozen", "tune", "end_to_end"),
     "best_mode": ("max", "min"),
     "adversarial.method": ("none", "fgm", "pgd", "smart"),
     "data.source": ("synthetic", "byo", "movielens"),

@@ -20,20 +20,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.async_checkpointing = True
   c.steps_per_run = 0               # > 0: save and stop after this many steps (time-sliced jobs)
 
-  # Training stage. "cached" (stage 1, the CPU default): the pretrained encoder is frozen, item
-  # texts are encoded once and cached, and the hybrid model (biases, ID factors, history term,
-  # text projections; crossrec_jax/cached_training.py) trains on the cached vectors, fused
-  # with item-item CF for implicit domains. "end_to_end" (stage 2, accelerators): the encoder is
-  # fine-tuned with the adversarial regularizer on its word embeddings.
-  # "fine_tune" (stage 2 from stage 1): starts from the stage-1 run of the same workdir
-  # (training it first if missing) and fine-tunes the encoder under the hybrid model
-  # (crossrec_jax/stage2.py); its checkpoints and metrics go to workdir/fine_tune.
-  c.stage = "end_to_end"
-  c.fine_tune = ml_collections.ConfigDict(dict(
+  # Where the item text vectors come from (one model for every mode; README "Architecture"):
+  # "frozen" (the default, the measured winner): the pretrained encoder is frozen, item texts are
+  # encoded once and cached, and the hybrid model (biases, ID factors, history term, text
+  # projections; crossrec_jax/training/hybrid.py) trains on the cached vectors, fused with
+  # item-item CF for implicit domains. "tune": starts from the frozen run of the same workdir
+  # (training it first if missing) and trains the encoder under the hybrid model
+  # (crossrec_jax/training/tune.py); its checkpoints and metrics go to workdir/tune.
+  # "end_to_end": the from-scratch two-tower BERT model (crossrec_jax/models/recommender.py),
+  # kept for accelerators; it has not beaten the frozen mode on real data.
+  c.encoder_mode = "frozen"
+  c.tune = ml_collections.ConfigDict(dict(
       epochs=1, batch_size=256, refresh_items=256,  # items re-encoded per step (targets first)
       learning_rate=1e-4, encoder_learning_rate=2e-5))
-  # Stage-1 model: None keeps the measured default for the data's kind
-  # (cached_training.EXPLICIT / IMPLICIT); any field of cached_training.HybridSettings.
+  # The hybrid model: None keeps the measured default for the data's kind
+  # (training.inputs.EXPLICIT / IMPLICIT); any field of training.inputs.HybridSettings.
   placeholder = ml_collections.config_dict.placeholder
   c.hybrid = ml_collections.ConfigDict({name: placeholder(kind) for name, kind in (
       ("dim", int), ("epochs", int), ("batch_size", int), ("learning_rate", float),
@@ -41,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
       ("use_history_text", bool), ("use_ids", bool), ("use_biases", bool), ("use_tags", bool),
       ("cross_domain", bool), ("adversarial", str), ("adversarial_eps", float),
       ("adversarial_weight", float))})
-  # CF + deep fusion of stage 1 (implicit domains; weights tuned on valid).
+  # CF + deep fusion (implicit domains; weights tuned on valid).
   c.fusion = ml_collections.ConfigDict(dict(
       components=("item_knn", "ease", "text_knn"), knn_k=100, knn_shrink=20.0, ease_lambda=30.0,
       text_knn_k=50))

@@ -1,10 +1,10 @@
 """``python -m crossrec_jax.evaluate --workdir DIR [--split test]``: evaluates a training run's
-latest checkpoint (per-domain metrics next to the baselines; see crossrec_jax/evaluator.py).
+latest checkpoint (per-domain metrics next to the baselines; see crossrec_jax/evaluation.py).
 """
 
 from __future__ import annotations
 
-from crossrec_jax.evaluator import Baselines, Evaluator, format_table  # noqa: F401 (public here too)
+from crossrec_jax.evaluation import Baselines, Evaluator, format_table  # noqa: F401 (public here too)
 
 
 def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
@@ -15,7 +15,7 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
   """
   import ml_collections  # pylint: disable=import-outside-toplevel
   from crossrec_jax import checkpoint as ckpt_lib, config_check, experiment, rundir  # pylint: disable=import-outside-toplevel
-  from crossrec_jax.cli import ConfigError, UsageError  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.errors import ConfigError, UsageError  # pylint: disable=import-outside-toplevel
   if limit is not None and limit < 0:
     raise UsageError(f"--limit {limit} must be >= 0 (0: the whole split)")
   workdir = config_check.check_workdir(workdir, must_exist=True)
@@ -32,8 +32,8 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
     # The training secret, checked against the checkpoint's digest: another one would silently
     # prepare a differently keyed copy of the data.
     secret = rundir.scoring_secret(meta, secret_file)
-    if (meta.get("model") or {}).get("stage") == "cached":
-      return _evaluate_stage1(workdir, config, secret, split)
+    if (meta.get("model") or {}).get("encoder_mode") == "frozen":
+      return _evaluate_hybrid(workdir, config, secret, split)
     run, _ = experiment.build_run(config, workdir, secret=secret)
     if split not in run.sources:
       raise UsageError(f"--split {split!r} is not in the data set; it has "
@@ -52,16 +52,17 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
   return results
 
 
-def _evaluate_stage1(workdir, config, secret, split):
-  """A stage-1 run: its served (fused) model on ``split``, next to the same baselines as in
+def _evaluate_hybrid(workdir, config, secret, split):
+  """A frozen or tune run: its served (fused) model on ``split``, next to the same baselines as in
   training."""
-  from crossrec_jax import stage1_run, stage2  # pylint: disable=import-outside-toplevel
-  from crossrec_jax.cli import UsageError  # pylint: disable=import-outside-toplevel
-  model, data, step = stage2.load(workdir, config, secret)  # stage 2's model if it ran
+  from crossrec_jax import served  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.training import tune
+  from crossrec_jax.errors import UsageError  # pylint: disable=import-outside-toplevel
+  model, data, step = tune.load(workdir, config, secret)  # the tune mode's model if it ran
   if not data.mask((split,)).any():
     raise UsageError(f"--split {split!r} has no rows in the data set; it has "
                      f"{sorted(set(data.split.tolist()) - {'history'})}")
-  results = stage1_run.evaluate(model, data, split)
+  results = served.evaluate(model, data, split)
   print(f"[step {step}] {split} metrics (ours vs baseline):\n{format_table(results)}")
   return results
 

@@ -17,11 +17,13 @@ from flax import nnx
 
 from crossrec_jax import config_check
 from crossrec_jax import data as data_lib
-from crossrec_jax import optim, rundir, sharding, steps
+from crossrec_jax import rundir, sharding
+from crossrec_jax.training import optim
+from crossrec_jax.training import steps
 from crossrec_jax.data import pipeline
 from crossrec_jax.data.from_config import (prepare_data, public_config_dict, resolve_link_secret,
                                           resolve_model_checkpoint, secret_description)
-from crossrec_jax.evaluator import Baselines
+from crossrec_jax.evaluation import Baselines
 from crossrec_jax.models import CrossDomainRecommender, DomainSpec, RecommenderConfig, heads, hf
 
 

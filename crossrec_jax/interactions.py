@@ -2,7 +2,7 @@
 
 ``InteractionData.from_builder(builder)`` reads a prepared data set (every split, including the
 context-only ``history`` rows) into flat arrays: user index, domain, item (global index, domains
-side by side in catalog order), label, order and split. Stage-1 training, the classical models
+side by side in catalog order), label, order and split. The hybrid model, the classical models
 and the evaluator all work on this one view, so they see exactly the same split.
 
 ``Queries`` are what a recommender is asked about: for each target, the user (or -1 for a user

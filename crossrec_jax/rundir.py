@@ -25,7 +25,7 @@ import numpy as np
 from etils import epath
 
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax.cli import ScoringError
+from crossrec_jax.errors import ScoringError
 from crossrec_jax.data import link_secret
 from crossrec_jax.data.pipeline import stable_bucket
 
@@ -105,7 +105,7 @@ def append_jsonl(path: epath.Path, record: dict) -> None:
 def remove_if_failed_early(workdir):
   """A workdir this run created is removed if the run fails before its first step (yielded
   ``progress.started`` still False) and before writing a checkpoint, a metrics line or the
-  stage-1 text cache: no half-built workdir (e.g. only a tokenizer) is left behind."""
+  text cache: no half-built workdir (e.g. only a tokenizer) is left behind."""
   path = epath.Path(workdir)
   created = not path.exists()
   progress = types.SimpleNamespace(started=False)

@@ -19,13 +19,13 @@ import numpy as np
 
 from crossrec_jax import checkpoint as ckpt_lib
 from crossrec_jax import rundir
-from crossrec_jax.cli import ScoringError  # noqa: F401 (public here: the scoring CLI's error)
+from crossrec_jax.errors import ScoringError  # noqa: F401 (public here: the scoring CLI's error)
 from crossrec_jax.data import link_secret, processing, records as records_lib
-# Moved to crossrec_jax/rundir.py and crossrec_jax/scorer.py; importable from here as before.
+# Moved to crossrec_jax/rundir.py and crossrec_jax/serving/scorer.py; importable from here as before.
 from crossrec_jax.rundir import (KNOWN_IDS_FILE, id_hash, scoring_secret,  # noqa: F401
                                  write_known_ids)
 from crossrec_jax.rundir import checkpoint_paths as _checkpoint_paths  # noqa: F401
-from crossrec_jax.scorer import LENGTH_BUCKETS, Scorer  # noqa: F401
+from crossrec_jax.serving.scorer import LENGTH_BUCKETS, Scorer  # noqa: F401
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -139,8 +139,8 @@ def run_scoring(checkpoint, users, items, output, *, pairs=None, top_k=0, domain
   if batch_size <= 0 or chunk_users <= 0:
     raise ScoringError(f"--batch_size {batch_size} must be positive")
   output, fmt = check_output(output, output_format, overwrite)
-  if _is_stage1(checkpoint, step):
-    return _run_stage1(checkpoint, users, items, output, fmt, pairs=pairs, top_k=top_k,
+  if _is_hybrid(checkpoint, step):
+    return _run_frozen(checkpoint, users, items, output, fmt, pairs=pairs, top_k=top_k,
                        domains=domains, mapping_file=mapping_file, secret_file=secret_file)
   scorer = Scorer.from_checkpoint(checkpoint, batch_size=batch_size, secret_file=secret_file,
                                   step=step)
@@ -173,7 +173,7 @@ def run_scoring(checkpoint, users, items, output, *, pairs=None, top_k=0, domain
   return counts | {"output": str(output), "rows": writer.rows, "step": scorer.step}
 
 
-def _is_stage1(checkpoint, step=None) -> bool:
+def _is_hybrid(checkpoint, step=None) -> bool:
   _, ckpt_dir = rundir.checkpoint_paths(checkpoint)
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
   try:
@@ -183,13 +183,14 @@ def _is_stage1(checkpoint, step=None) -> bool:
     meta = rundir.newest_meta(checkpointer, [step] if step is not None else available)
   finally:
     checkpointer.close()
-  return (meta.get("model") or {}).get("stage") in ("cached", "fine_tune")
+  return (meta.get("model") or {}).get("encoder_mode") in ("frozen", "tune")
 
 
-def _run_stage1(checkpoint, users, items, output, fmt, *, pairs, top_k, domains, mapping_file,
+def _run_frozen(checkpoint, users, items, output, fmt, *, pairs, top_k, domains, mapping_file,
                 secret_file) -> dict[str, Any]:
-  """A stage-1 run: its fused model (network + item-item CF), as its evaluation served it."""
-  from crossrec_jax import stage1_score, stage2  # pylint: disable=import-outside-toplevel
+  """A frozen or tune run: its fused model (network + item-item CF), as its evaluation served it."""
+  from crossrec_jax.serving import hybrid as hybrid_serving
+  from crossrec_jax.training import tune
   from crossrec_jax.data.from_config import processing_config  # pylint: disable=import-outside-toplevel
   workdir, ckpt_dir = rundir.checkpoint_paths(checkpoint)
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
@@ -199,8 +200,8 @@ def _run_stage1(checkpoint, users, items, output, fmt, *, pairs, top_k, domains,
     checkpointer.close()
   config = _with_mapping(ml_collections.ConfigDict(meta["config"]), mapping_file)
   secret = rundir.scoring_secret(meta, secret_file)
-  model, data, step = stage2.load(workdir, config, secret)  # stage 2's model if it ran
-  print(f"Scoring with the stage-{2 if stage2.has_stage2(workdir) else 1} model of checkpoint step {step} of {ckpt_dir}", file=sys.stderr,
+  model, data, step = tune.load(workdir, config, secret)  # the tune mode's model if it ran
+  print(f"Scoring with the {'tune' if tune.has_tuned(workdir) else 'frozen'}-mode model of checkpoint step {step} of {ckpt_dir}", file=sys.stderr,
         flush=True)
   wanted = list(domains) if domains else data.names
   for name in wanted:
@@ -215,14 +216,14 @@ def _run_stage1(checkpoint, users, items, output, fmt, *, pairs, top_k, domains,
   progress = _progress(None if pairs else len(by_person), "pairs" if pairs else "users")
   try:
     if pairs:
-      counts = stage1_score.score_pairs(model, data, by_person, user_key, item_table,
+      counts = hybrid_serving.score_pairs(model, data, by_person, user_key, item_table,
                                         pathlib.Path(pairs), person_of, wanted, writer.write,
                                         items_path=items, progress=progress)
     else:
-      counts = stage1_score.score_top_k(model, data, by_person, user_key, item_table, wanted, top_k,
+      counts = hybrid_serving.score_top_k(model, data, by_person, user_key, item_table, wanted, top_k,
                                         writer.write, items_path=items, progress=progress)
     writer.commit()
-  except stage1_score.Stage1ScoringError as e:
+  except hybrid_serving.CatalogError as e:
     writer.abort()
     raise ScoringError(str(e)) from e
   except BaseException:

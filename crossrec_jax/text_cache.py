@@ -1,4 +1,4 @@
-"""Frozen-encoder text vectors, computed once and cached on disk (stage 1 of training).
+"""Frozen-encoder text vectors, computed once and cached on disk (the frozen encoder mode).
 
 ``TextEncoder(checkpoint).encode(texts, max_length)`` runs the pretrained BERT forward only, in
 jitted batches sharded over the devices' ``data`` axis, and mean-pools the last hidden state
@@ -44,7 +44,7 @@ def mean_pooled(encoder, ids, mask):
 
 class TextEncoder:
   """The frozen encoder of ``checkpoint`` as a bulk text -> vector function (``encoder``: the
-  same architecture with other weights, e.g. fine-tuned by stage 2)."""
+  same architecture with other weights, e.g. tuned by the tune mode)."""
 
   def __init__(self, checkpoint: str, *, batch_size: int = 128, devices=None, encoder=None):
     self.directory = hf.resolve_checkpoint(checkpoint)

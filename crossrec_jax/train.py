@@ -17,11 +17,13 @@ import jax
 import numpy as np
 
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax import cli, config_check, optim, sharding, steps
-from crossrec_jax.cli import NonFiniteLossError  # noqa: F401 (public here: the run's own error)
+from crossrec_jax import cli, errors, config_check, sharding
+from crossrec_jax.training import optim
+from crossrec_jax.training import steps
+from crossrec_jax.errors import NonFiniteLossError  # noqa: F401 (public here: the run's own error)
 from crossrec_jax.data import pipeline
 from crossrec_jax.data.from_config import prepare_data  # noqa: F401 (used via train.prepare_data)
-from crossrec_jax.evaluator import Evaluator, format_table
+from crossrec_jax.evaluation import Evaluator, format_table
 # What a run is lives in experiment.py; these names stay importable from here.
 from crossrec_jax.experiment import (Run, build_run, init_state,  # noqa: F401
                                      maybe_initialize_distributed)
@@ -39,12 +41,12 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   workdir = config_check.check_workdir(workdir)
   maybe_initialize_distributed(config)
   with remove_if_failed_early(workdir) as progress:
-    if config.stage == "cached":
-      from crossrec_jax import stage1_run  # pylint: disable=import-outside-toplevel
-      return stage1_run.train_and_evaluate(config, workdir)
-    if config.stage == "fine_tune":
-      from crossrec_jax import stage2  # pylint: disable=import-outside-toplevel
-      return stage2.train_and_evaluate(config, workdir)
+    if config.encoder_mode == "frozen":
+      from crossrec_jax import served  # pylint: disable=import-outside-toplevel
+      return served.train_and_evaluate(config, workdir)
+    if config.encoder_mode == "tune":
+      from crossrec_jax.training import tune  # pylint: disable=import-outside-toplevel
+      return tune.train_and_evaluate(config, workdir)
     return _train_end_to_end(config, workdir, progress)
 
 
@@ -138,7 +140,7 @@ def _train_end_to_end(config, workdir, progress_marker) -> dict[str, Any]:
         save(step)
         checkpointer.wait()
         print(f"\nSIGTERM received: saved step {step} to {checkpointer.directory}; exiting "
-              f"with code {cli.EXIT_PREEMPTED} so the job is re-run (the same command resumes).",
+              f"with code {errors.EXIT_PREEMPTED} so the job is re-run (the same command resumes).",
               flush=True)
         break
       if at_stop:
@@ -184,7 +186,7 @@ def _main(fv) -> int:
   result = train_and_evaluate(fv.config, fv.workdir)
   if jax.process_index() == 0:
     print(json.dumps({"final_step": result["step"]}))
-  return cli.EXIT_PREEMPTED if result.get("preempted") else 0
+  return errors.EXIT_PREEMPTED if result.get("preempted") else 0
 
 
 def _define_flags(fv, argv):

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from crossrec_jax import adversarial
+from crossrec_jax.training import adversarial
 
 
 def _loss_of_embeds():

@@ -112,7 +112,7 @@ def test_nothing_imports_the_scoring_cli():
   importers = sorted(m for m, targets in import_graph().items()
                      if "crossrec_jax.score" in targets and m != "crossrec_jax.score")
   assert not importers, (f"{importers} import crossrec_jax.score (the scoring CLI); import what "
-                         "they need from crossrec_jax.rundir / crossrec_jax.scorer instead")
+                         "they need from crossrec_jax.rundir / crossrec_jax.serving.scorer instead")
 
 
 def test_modules_are_small():

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_quality  # pylint: disable=wrong-import-position
 
-from crossrec_jax.cli import UsageError  # pylint: disable=wrong-import-position
+from crossrec_jax.errors import UsageError  # pylint: disable=wrong-import-position
 from crossrec_jax.data import SyntheticConfig, synthetic  # pylint: disable=wrong-import-position
 
 

@@ -15,7 +15,8 @@ from flax import nnx
 from orbax.checkpoint import checkpoint_managers as policies
 
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax import score, steps, train
+from crossrec_jax import score, train
+from crossrec_jax.training import steps
 from crossrec_jax.models import BertConfig, CrossDomainRecommender, RecommenderConfig
 
 from test_score import _cli, files, trained  # pylint: disable=unused-import  # fixtures

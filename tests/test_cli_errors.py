@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from crossrec_jax import cli, evaluate, score, train
+from crossrec_jax import cli, errors, evaluate, score, train
 from crossrec_jax.data import SyntheticConfig, from_config, synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ CASES = {
                         ["--config.data.split", "leave_last_out"]),
     "train_bad_source": ("train", lambda r: _train(r, "--config.data.source=csv"),
                          ["--config.data.source", "byo"]),
-    "train_bad_stage": ("train", lambda r: _train(r, "--config.stage=both"), ["--config.stage"]),
+    "train_bad_encoder_mode": ("train", lambda r: _train(r, "--config.encoder_mode=both"), ["--config.encoder_mode"]),
     "train_zero_batch": ("train", lambda r: _train(r, "--config.batch_size=0"),
                          ["--config.batch_size", "positive"]),
     "train_adversarial_weight": ("train", lambda r: _train(r, "--config.adversarial.weight=2.0"),
@@ -160,7 +160,7 @@ def test_user_mistake_is_one_line_exit_2_and_leaves_nothing(env, case, capsys, m
   code = MAINS[name]([name] + argv(env))
   err = capsys.readouterr().err
   lines = [l for l in err.splitlines() if l.startswith("error:")]
-  assert code == cli.EXIT_USER_ERROR, err[-3000:]
+  assert code == errors.EXIT_USER_ERROR, err[-3000:]
   assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
   for word in words:
     assert word in lines[0], (word, lines[0])

@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from crossrec_jax import steps
+from crossrec_jax.training import steps
 
 # Domain 0: ratings 1-5; domain 1: implicit.
 TABLES = steps.TaskTables(is_rating=(True, False), low=(1.0, 0.0), high=(5.0, 1.0), weight=(1.0, 1.0))

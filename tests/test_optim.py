@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from crossrec_jax import config_defaults, optim
+from crossrec_jax import config_defaults
+from crossrec_jax.training import optim
 
 
 def _config(**optim_fields):

@@ -220,7 +220,7 @@ def test_scoring_restores_params_only_from_a_full_train_state(trained):
 
 def test_checkpointer_params_only_restore_reads_no_optimizer_state(tmp_path):
   import optax
-  from crossrec_jax import steps
+  from crossrec_jax.training import steps
   params = {"encoder": {"layers": {0: {"kernel": np.arange(12.0, dtype=np.float32).reshape(3, 4)}}},
             "head": {"bias": np.ones(5, np.float32)}}
   tx = optax.adam(1e-3)

@@ -18,7 +18,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax import optim, sharding, steps, train
+from crossrec_jax import sharding, train
+from crossrec_jax.training import optim
+from crossrec_jax.training import steps
 from crossrec_jax.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -278,7 +280,7 @@ def test_adversarial_step_changes_the_update(tmp_path, data_dir):
 # -- the entry point, end to end ------------------------------------------------------------------
 
 try:  # the exit code of a run stopped by SIGTERM (0 before crossrec_jax.cli defined one)
-  from crossrec_jax.cli import EXIT_PREEMPTED
+  from crossrec_jax.errors import EXIT_PREEMPTED
 except ImportError:
   EXIT_PREEMPTED = 0
 

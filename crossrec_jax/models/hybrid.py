@@ -1,4 +1,4 @@
-"""Stage-1 model: collaborative components on top of cached (frozen-encoder) text vectors.
+"""The hybrid model: collaborative components on top of cached (frozen-encoder) text vectors.
 
 score(u, i, d) = mu_d + b_{u,d} + b_i + <user_d(u), item(i)>
 
@@ -56,7 +56,7 @@ def _normal(rngs, shape, std):
 
 
 class HybridRecommender(nnx.Module):
-  """Inputs are indices into the cached tables; see ``cached_training`` for the batches."""
+  """Inputs are indices into the cached tables; see ``training.hybrid`` for the batches."""
 
   def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs):
     c = self.config = config

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from crossrec_jax import metrics as metrics_lib
-from crossrec_jax import sharding, steps
+from crossrec_jax import sharding
+from crossrec_jax.training import steps
 from crossrec_jax.data import pipeline
 
 

@@ -1,4 +1,4 @@
-"""Stage-1 training: the hybrid model on cached frozen-encoder text vectors, at MF speed.
+"""Training the hybrid model on cached frozen-encoder text vectors, at MF speed.
 
 ``fit_hybrid(data, settings, text=...)`` trains ``models.hybrid.HybridRecommender`` on the train
 split of an ``InteractionData``: mean squared error on explicit domains, full-catalog softmax
@@ -26,8 +26,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-# Settings and input tables live in cached_features.py; importable from here as before.
-from crossrec_jax.cached_features import (EXPLICIT, IMPLICIT, HybridSettings,  # noqa: F401
+# Settings and input tables live in training/inputs.py.
+from crossrec_jax.training.inputs import (EXPLICIT, IMPLICIT, HybridSettings,  # noqa: F401
                                           _history_length, build_histories, flat_histories,
                                           resolve_context,
                                           resolve_user_ids, standardize, tag_matrix,
@@ -144,7 +144,7 @@ def _loss_fn(graphdef, tables, settings: HybridSettings, task: str, lo: int, hi:
     return total / num_train
 
   def loss(params, batch, user_delta=None, item_delta=None, text=None):
-    """``text``: the item text table to use instead of the cached one (stage 2 passes one
+    """``text``: the item text table to use instead of the cached one (the tune mode passes one
     with the batch's items re-encoded by the encoder being fine-tuned)."""
     m = nnx.merge(graphdef, params)
     text = tables["text"] if text is None else text
@@ -180,8 +180,8 @@ def _loss_fn(graphdef, tables, settings: HybridSettings, task: str, lo: int, hi:
 @dataclasses.dataclass
 class TrainingSetup:
   """What a fit needs besides the parameters: the fresh model, the input tables, the train
-  rows per domain with their histories, batch shapes and the negatives' distribution. Stage 2
-  (``fine_tune``) trains on the same batches."""
+  rows per domain with their histories, batch shapes and the negatives' distribution. The tune
+  mode trains on the same batches."""
   model: HybridRecommender
   context: str
   tables: dict[str, Any]

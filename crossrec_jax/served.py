@@ -1,8 +1,8 @@
-"""``config.stage = "cached"``: stage-1 training run (the CPU / default path).
+"""``config.encoder_mode = "frozen"``: the served model of a run (the default path).
 
 prepare data (tfds) -> interaction log -> frozen-encoder item vectors, cached in
 ``workdir/text_cache`` (keyed by encoder weights, texts and max length, reused by later runs)
--> hybrid model (``cached_training``) -> item-item CF (kNN, EASE) fitted on the same train
+-> hybrid model (``training.hybrid``) -> item-item CF (kNN, EASE) fitted on the same train
 split -> fusion weights tuned per implicit domain on valid -> Orbax checkpoint (params + the
 settings, fusion weights and CF hyper-parameters as JSON) -> valid / test metrics next to the
 popularity / item-mean baselines.
@@ -25,7 +25,7 @@ from flax import nnx
 from crossrec_jax import baselines as bl
 from crossrec_jax import checkpoint as ckpt_lib
 from crossrec_jax import fusion, metric_writers, metrics, ranking, text_cache
-from crossrec_jax.cached_training import FittedHybrid, HybridSettings, fit_hybrid
+from crossrec_jax.training.hybrid import FittedHybrid, HybridSettings, fit_hybrid
 from crossrec_jax.data.from_config import (prepare_data, public_config_dict,
                                           resolve_link_secret, resolve_model_checkpoint,
                                           secret_description)
@@ -35,7 +35,7 @@ NEURAL = "neural"
 
 
 @dataclasses.dataclass
-class Stage1Model:
+class ServedModel:
   """The served model: the hybrid network, CF components and per-domain fusion weights."""
   hybrid: FittedHybrid
   cf: dict[str, bl.Recommender]
@@ -84,7 +84,7 @@ def tune_fusion(model: FittedHybrid, cf, data: InteractionData) -> dict[int, dic
   return weights
 
 
-def evaluate(model: Stage1Model, data: InteractionData, split: str, k: int = 10
+def evaluate(model: ServedModel, data: InteractionData, split: str, k: int = 10
              ) -> dict[str, dict[str, float]]:
   """Per domain: ours (fused where fused) next to popularity / item-mean on the same targets."""
   results = {}
@@ -114,11 +114,11 @@ def evaluate(model: Stage1Model, data: InteractionData, split: str, k: int = 10
   return results
 
 
-def evaluate_and_report(model: Stage1Model, data: InteractionData, step: int, workdir,
+def evaluate_and_report(model: ServedModel, data: InteractionData, step: int, workdir,
                         label: str) -> dict[str, dict[str, float]]:
   """valid then test (where the data has them), each written to ``workdir``'s metrics and
   printed; returns the last one's metrics."""
-  from crossrec_jax.evaluator import format_table  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.evaluation import format_table  # pylint: disable=import-outside-toplevel
   results = {}
   with metric_writers.create_default_writer(workdir) as writer:
     for split in ("valid", "test"):
@@ -141,7 +141,7 @@ def _inputs(config, workdir: epath.Path, secret=None):
   text = text_cache.cached_vectors(str(resolve_model_checkpoint(config, workdir)), data.item_texts,
                                    config.data.item_max_length, cache_dir=workdir / "text_cache")
   settings = HybridSettings.from_config(config, data)
-  model_meta = {"stage": "cached", "settings": dataclasses.asdict(settings),
+  model_meta = {"encoder_mode": "frozen", "settings": dataclasses.asdict(settings),
                 "domains": data.domains, "num_users": data.num_users, "num_items": data.num_items,
                 "text_dim": int(text.shape[1])}
   meta = json.loads(json.dumps({"config": public_config_dict(config), "model": model_meta,
@@ -166,8 +166,8 @@ def _restore(checkpointer, data, text, settings, meta):
   return step, hybrid, {int(d): w for d, w in saved["fusion_weights"].items()}
 
 
-def load(workdir, config, secret=None) -> tuple[Stage1Model, InteractionData, int]:
-  """The served model of a stage-1 run directory, exactly as its evaluation used it: the
+def load(workdir, config, secret=None) -> tuple[ServedModel, InteractionData, int]:
+  """The served model of a run directory, exactly as its evaluation used it: the
   network from the newest checkpoint, the CF parts refitted on the same train split (they are
   deterministic functions of it) and the saved fusion weights."""
   workdir = epath.Path(workdir)  # gs://bucket/run stays intact (pathlib: gs:/bucket/run)
@@ -178,9 +178,9 @@ def load(workdir, config, secret=None) -> tuple[Stage1Model, InteractionData, in
   finally:
     checkpointer.close()
   if restored is None:
-    raise ckpt_lib.CheckpointIncompatibleError(f"{workdir}: no stage-1 checkpoint to restore")
+    raise ckpt_lib.CheckpointIncompatibleError(f"{workdir}: no frozen-mode checkpoint to restore")
   step, hybrid, weights = restored
-  return Stage1Model(hybrid, fit_cf(data, config, text), weights), data, step
+  return ServedModel(hybrid, fit_cf(data, config, text), weights), data, step
 
 
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
@@ -192,7 +192,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     restored = _restore(checkpointer, data, text, settings, meta)
     if restored is not None:
       step, hybrid, weights = restored
-      print(f"Restored the stage-1 model from {checkpointer.directory}/{step}")
+      print(f"Restored the frozen-mode model from {checkpointer.directory}/{step}")
     else:
       hybrid = fit_hybrid(data, settings, text=text, verbose=True)
     cf = fit_cf(data, config, text)
@@ -203,8 +203,8 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
                         meta | {"fusion_weights": {str(d): w for d, w in weights.items()}})
   finally:
     checkpointer.close()
-  model = Stage1Model(hybrid, cf, weights)
-  results = evaluate_and_report(model, data, step, workdir, "stage 1")
+  model = ServedModel(hybrid, cf, weights)
+  results = evaluate_and_report(model, data, step, workdir, "frozen")
   if weights:
     print("fusion weights (tuned on valid): " + ", ".join(
         f"{data.names[d]} {w}" for d, w in weights.items()))

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from crossrec_jax import adversarial, optim, sharding
+from crossrec_jax import sharding
+from crossrec_jax.training import adversarial
+from crossrec_jax.training import optim
 
 
 @flax.struct.dataclass

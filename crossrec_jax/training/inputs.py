@@ -1,6 +1,6 @@
-"""Stage-1 training's settings and inputs: ``HybridSettings`` (with the measured EXPLICIT /
+"""The hybrid model's training settings and inputs: ``HybridSettings`` (with the measured EXPLICIT /
 IMPLICIT presets), the auto choices (history context, user IDs), users' histories as index
-arrays, tag tables and text-vector standardisation. The fit loop is in cached_training.py.
+arrays, tag tables and text-vector standardisation. The fit loop is in training/hybrid.py.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class HybridSettings:
 
   @classmethod
   def from_config(cls, config, data: InteractionData) -> "HybridSettings":
-    """A run's stage-1 settings: ``defaults_for`` the data with ``config.seed`` and the fields
+    """A run's hybrid settings: ``defaults_for`` the data with ``config.seed`` and the fields
     ``config.hybrid`` sets (None keeps the default; an unknown field is an error)."""
     overrides = {k: v for k, v in config.hybrid.items() if v is not None}
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -184,7 +184,7 @@ def _history_length(s: HybridSettings, context: str) -> int:
 
 def standardizer(vectors: np.ndarray, pca_dim: int = 0) -> dict[str, np.ndarray]:
   """The affine map of ``standardize``: {"mean", "projection" ([T, P], identity without PCA),
-  "scale"}. Stage 2 applies it to re-encoded vectors, so they land where the cached ones were."""
+  "scale"}. The tune mode applies it to re-encoded vectors, so they land where the cached ones were."""
   mean = vectors.mean(0)
   v = vectors - mean
   projection = np.eye(v.shape[1], dtype=v.dtype)

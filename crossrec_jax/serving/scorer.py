@@ -17,8 +17,9 @@ import numpy as np
 from flax import nnx
 
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax import rundir, sharding, steps
-from crossrec_jax.cli import ScoringError
+from crossrec_jax import rundir, sharding
+from crossrec_jax.training import steps
+from crossrec_jax.errors import ScoringError
 from crossrec_jax.data.pipeline import stable_bucket
 from crossrec_jax.models import CrossDomainRecommender, RecommenderConfig, hf
 
@@ -69,12 +70,12 @@ class Scorer:
       if step is not None and step not in available:
         raise ScoringError(f"{ckpt_dir}: no step {step}; available: {available}")
       meta = rundir.newest_meta(checkpointer, [step] if step is not None else available)
-      if (meta.get("model") or {}).get("stage") == "cached":
+      if (meta.get("model") or {}).get("encoder_mode") == "frozen":
         raise ScoringError(
-            f"{ckpt_dir / str(step)}: a stage-1 (config.stage='cached') checkpoint; Scorer "
+            f"{ckpt_dir / str(step)}: a frozen-mode (config.encoder_mode='frozen') checkpoint; Scorer "
             "serves end-to-end checkpoints only. Score it with `python -m crossrec_jax.score` "
-            "or score.run_scoring (which serve stage-1 runs through crossrec_jax.stage1_score), "
-            "or load it with crossrec_jax.stage1_run.load.")
+            "or score.run_scoring (which serve frozen-mode runs through crossrec_jax.serving.hybrid), "
+            "or load it with crossrec_jax.served.load.")
       try:
         model_config = RecommenderConfig.from_dict(meta["model"])
         config = ml_collections.ConfigDict(meta["config"])

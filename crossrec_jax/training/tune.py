@@ -1,18 +1,18 @@
-"""``config.stage = "fine_tune"``: stage 2, the encoder fine-tuned end to end from stage 1.
+"""``config.encoder_mode = "tune"``: the encoder trained under the hybrid model, from the frozen run.
 
-Starts from the stage-1 run of the same workdir (trained first when there is none): its hybrid
+Starts from the frozen run of the same workdir (trained first when there is none): its hybrid
 network and the pretrained encoder that produced its cached item vectors. Each step re-encodes
 the texts of the batch's items (targets first, then history items, at most
-``fine_tune.refresh_items``) with the encoder being trained, maps them with stage 1's
-standardisation and puts them in place of their cached rows, then takes stage 1's loss: the
+``tune.refresh_items``) with the encoder being trained, maps them with the frozen run's
+standardisation and puts them in place of their cached rows, then takes the frozen mode's loss: the
 gradient reaches the encoder through every re-encoded item, while the rest of the catalog (the
 softmax's other negatives) keeps its cached vector. Before the first step the model is exactly
-stage 1's. The word embeddings of the re-encoded texts are perturbed adversarially (FGM, as in
+the frozen run's. The word embeddings of the re-encoded texts are perturbed adversarially (FGM, as in
 end-to-end training) when ``adversarial.method`` is not "none".
 
 After training every item text is re-encoded with the tuned encoder, the fusion weights are
-tuned again on valid and valid / test are evaluated as in stage 1. Checkpoints (Orbax, in
-``workdir/fine_tune/checkpoints``) hold the hybrid and encoder parameters and the optimizer
+tuned again on valid and valid / test are evaluated as in the frozen mode. Checkpoints (Orbax, in
+``workdir/tune/checkpoints``) hold the hybrid and encoder parameters and the optimizer
 state after every epoch; re-running the command resumes from the newest.
 """
 
@@ -29,15 +29,16 @@ import optax
 from etils import epath
 from flax import nnx
 
-from crossrec_jax import adversarial, stage1_run, text_cache
+from crossrec_jax import served, text_cache
+from crossrec_jax.training import adversarial
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax.cached_features import apply_standardizer, standardizer
-from crossrec_jax.cached_training import (FittedHybrid, _loss_fn, epoch_batches,
+from crossrec_jax.training.inputs import apply_standardizer, standardizer
+from crossrec_jax.training.hybrid import (FittedHybrid, _loss_fn, epoch_batches,
                                           training_setup)
 from crossrec_jax.data.from_config import resolve_model_checkpoint
 from crossrec_jax.models import hf
 
-SUBDIR = "fine_tune"
+SUBDIR = "tune"
 
 
 def _refresh_rows(batch, num_items: int, limit: int) -> np.ndarray:
@@ -111,52 +112,52 @@ def _tokens(tokenizer, texts, max_length: int) -> tuple[np.ndarray, np.ndarray]:
   return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
 
-def _stage1(config, workdir: epath.Path):
-  """The stage-1 run of ``workdir`` (trained now if it has none): data, raw cached item vectors,
+def _frozen(config, workdir: epath.Path):
+  """The frozen run of ``workdir`` (trained now if it has none): data, raw cached item vectors,
   settings, its checkpoint description and the fitted hybrid network."""
-  data, text, settings, meta = stage1_run._inputs(config, workdir)  # pylint: disable=protected-access
+  data, text, settings, meta = served._inputs(config, workdir)  # pylint: disable=protected-access
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
   try:
-    restored = stage1_run._restore(checkpointer, data, text, settings, meta)  # pylint: disable=protected-access
+    restored = served._restore(checkpointer, data, text, settings, meta)  # pylint: disable=protected-access
   finally:
     checkpointer.close()
   if restored is None:
-    print("No stage-1 checkpoint in this workdir: training stage 1 first.", flush=True)
+    print("No frozen-mode checkpoint in this workdir: training the frozen mode first.", flush=True)
     cached = config.copy_and_resolve_references()
     with cached.unlocked():
-      cached.stage = "cached"
-    stage1_run.train_and_evaluate(cached, workdir)
-    return _stage1(config, workdir)
+      cached.encoder_mode = "frozen"
+    served.train_and_evaluate(cached, workdir)
+    return _frozen(config, workdir)
   return data, text, settings, meta, restored[1]
 
 
 def _encoder(config, workdir: epath.Path):
-  # A local directory: hf.load_bert / load_tokenizer read local files only (see stage1_run._inputs).
+  # A local directory: hf.load_bert / load_tokenizer read local files only (see served._inputs).
   directory = resolve_model_checkpoint(config, workdir)
   return directory, hf.load_bert(directory)
 
 
 def _served(config, data, text, settings, setup, hybrid_model, tuned_vectors, weights=None):
   """The served model: the tuned network over the tuned encoder's item vectors (mapped by
-  stage 1's standardisation, which the network was trained with), fused with item-item CF;
+  the frozen run's standardisation, which the network was trained with), fused with item-item CF;
   fusion weights tuned on valid unless given."""
   mapped = apply_standardizer(tuned_vectors, standardizer(text, settings.text_pca_dim))
   table = np.vstack([mapped, np.zeros((1, mapped.shape[1]))]).astype(np.float32)
   fitted = FittedHybrid(hybrid_model, data, settings, setup.context, jnp.asarray(table),
                         setup.tables["profile"], setup.profile_rows, [],
                         {"items": setup.tables["tags"], "users": setup.tables["user_tags"]})
-  cf = stage1_run.fit_cf(data, config, text)
+  cf = served.fit_cf(data, config, text)
   if weights is None:
-    weights = stage1_run.tune_fusion(fitted, cf, data)
-  return stage1_run.Stage1Model(fitted, cf, weights)
+    weights = served.tune_fusion(fitted, cf, data)
+  return served.ServedModel(fitted, cf, weights)
 
 
 def _params_abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def has_stage2(workdir) -> bool:
-  """Whether the run directory holds a finished stage-2 model."""
+def has_tuned(workdir) -> bool:
+  """Whether the run directory holds a finished tune-mode model."""
   directory = epath.Path(workdir) / SUBDIR / "checkpoints"  # gs://bucket/run stays intact
   if not directory.is_dir():
     return False
@@ -168,17 +169,17 @@ def has_stage2(workdir) -> bool:
 
 
 def load(workdir, config, secret=None):
-  """The served model of a run directory: stage 2's when it has a stage-2 checkpoint, else
-  stage 1's (``stage1_run.load``). Returns (model, data, step)."""
+  """The served model of a run directory: the tune mode's when it has a tune checkpoint, else
+  the frozen mode's (``served.load``). Returns (model, data, step)."""
   workdir = epath.Path(workdir)  # gs://bucket/run stays intact (pathlib: gs:/bucket/run)
-  if not has_stage2(workdir):
-    return stage1_run.load(workdir, config, secret)
+  if not has_tuned(workdir):
+    return served.load(workdir, config, secret)
   checkpointer = ckpt_lib.Checkpointer(workdir / SUBDIR / "checkpoints", keep=1,
                                        async_save=False)
   try:
     final = [s for s in checkpointer.all_steps() if "fusion_weights" in checkpointer.read_meta(s)]
-    data, text, settings, meta = stage1_run._inputs(config, workdir, secret)  # pylint: disable=protected-access
-    settings = dataclasses.replace(settings, batch_size=config.fine_tune.batch_size)
+    data, text, settings, meta = served._inputs(config, workdir, secret)  # pylint: disable=protected-access
+    settings = dataclasses.replace(settings, batch_size=config.tune.batch_size)
     setup = training_setup(data, settings, text)
     model = setup.model
     directory, encoder = _encoder(config, workdir)
@@ -221,17 +222,17 @@ def _write_vectors(workdir: epath.Path, vectors: np.ndarray) -> None:
   tmp.replace(path)  # never a truncated file under the final name (a bucket: copy + delete)
 
 
-def _meta(stage1_meta):
-  return stage1_meta | {"model": stage1_meta["model"] | {"stage": "fine_tune"}}
+def _meta(frozen_meta):
+  return frozen_meta | {"model": frozen_meta["model"] | {"encoder_mode": "tune"}}
 
 
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
   workdir = epath.Path(workdir)  # gs://bucket/run stays intact (pathlib: gs:/bucket/run)
   workdir.mkdir(parents=True, exist_ok=True)
-  ft = config.fine_tune
-  data, text, stage1_settings, meta, hybrid = _stage1(config, workdir)
+  ft = config.tune
+  data, text, frozen_settings, meta, hybrid = _frozen(config, workdir)
   meta = _meta(meta)
-  settings = dataclasses.replace(stage1_settings, batch_size=ft.batch_size)
+  settings = dataclasses.replace(frozen_settings, batch_size=ft.batch_size)
   setup = training_setup(data, settings, text)
   hybrid_graphdef, hybrid_params = nnx.split(hybrid.model)
   checkpoint_dir, encoder = _encoder(config, workdir)
@@ -260,7 +261,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     if restored is not None:
       epoch0, state, _, saved = restored
       params, opt_state = state["params"], state["opt_state"]
-      print(f"Resuming stage 2 after epoch {epoch0} from {checkpointer.directory}", flush=True)
+      print(f"Resuming the tune mode after epoch {epoch0} from {checkpointer.directory}", flush=True)
     for epoch in range(epoch0, ft.epochs):
       rng = np.random.default_rng([config.seed, epoch])  # the same batches when resumed
       sums = {}
@@ -273,12 +274,12 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
         for key, value in metrics.items():
           sums.setdefault(f"{data.names[d]}/{key}", []).append(value)
       entry = {k: float(np.mean(jax.device_get(v))) for k, v in sums.items()}
-      print(f"  stage 2 epoch {epoch + 1}/{ft.epochs} " + " ".join(
+      print(f"  tune epoch {epoch + 1}/{ft.epochs} " + " ".join(
           f"{k} {v:.4g}" for k, v in entry.items()), flush=True)
       if not all(np.isfinite(v) for v in entry.values()):
         raise FloatingPointError(
-            f"stage 2: non-finite loss in epoch {epoch + 1} ({entry}); not checkpointed. Lower "
-            "fine_tune.encoder_learning_rate / fine_tune.learning_rate.")
+            f"tune: non-finite loss in epoch {epoch + 1} ({entry}); not checkpointed. Lower "
+            "tune.encoder_learning_rate / tune.learning_rate.")
       if epoch + 1 < ft.epochs:  # the last epoch is saved below, with what serving needs
         checkpointer.save(epoch + 1, {"params": params, "opt_state": opt_state}, None, meta)
 
@@ -298,5 +299,5 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
           "fusion_weights": {str(d): w for d, w in model.weights.items()}})
   finally:
     checkpointer.close()
-  results = stage1_run.evaluate_and_report(model, data, step, workdir / SUBDIR, "stage 2")
+  results = served.evaluate_and_report(model, data, step, workdir / SUBDIR, "tune")
   return {"step": step, "metrics": results, "model": model}

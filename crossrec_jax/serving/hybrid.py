@@ -1,11 +1,11 @@
-"""Serving a stage-1 (``config.stage="cached"``) run: the fused model, exactly as it was evaluated.
+"""Serving a frozen or tune (``config.encoder_mode``) run: the fused model, exactly as it was evaluated.
 
-``stage1_run.load`` restores the network from the checkpoint and refits the CF parts on the same
+``served.load`` restores the network from the checkpoint and refits the CF parts on the same
 prepared data set (they are deterministic functions of its train split); the fusion weights are
 the ones tuned on valid. Users come as histories (the interactions layout): each is linked as in
 training (secret + mapping, through ``processing.linked_histories``); a user known to training
 keeps its ID rows, any other one is a cold user represented by its history, as at evaluation.
-Candidates are the items of the items file, which must belong to the trained catalog (a stage-1
+Candidates are the items of the items file, which must belong to the trained catalog (a frozen-mode
 model has item factors and CF similarities only for the items it was trained on).
 """
 
@@ -20,11 +20,11 @@ import scipy.sparse as sp
 from crossrec_jax import ranking
 from crossrec_jax.data.records import Interaction, Item, iter_rows
 from crossrec_jax.interactions import InteractionData, Queries
-from crossrec_jax.stage1_run import Stage1Model
+from crossrec_jax.served import ServedModel
 
 
-class Stage1ScoringError(ValueError):
-  """Input a stage-1 model cannot score (an item outside its catalog, an unknown domain)."""
+class CatalogError(ValueError):
+  """Input the hybrid model cannot score (an item outside its catalog, an unknown domain)."""
 
 
 class HistoryQueries:
@@ -70,12 +70,12 @@ def _catalog_rows(data: InteractionData, index, items: dict[tuple[str, str], Ite
   names = data.names
   unknown_domains = sorted({d for d, _ in items} - set(names))
   if unknown_domains:
-    raise Stage1ScoringError(f"{items_path}: domain(s) {unknown_domains} are not domains of this "
+    raise CatalogError(f"{items_path}: domain(s) {unknown_domains} are not domains of this "
                              f"model ({names})")
   outside = [key for key in items if key not in index]
   if outside:
-    raise Stage1ScoringError(
-        f"{items_path}: {len(outside)} item(s) are not in the catalog the stage-1 model was trained "
+    raise CatalogError(
+        f"{items_path}: {len(outside)} item(s) are not in the catalog the hybrid model was trained "
         f"on, e.g. {outside[:3]}; score only trained items, or retrain with them in the items table")
   out = {}
   for name in wanted:
@@ -85,7 +85,7 @@ def _catalog_rows(data: InteractionData, index, items: dict[tuple[str, str], Ite
   return out
 
 
-def score_top_k(model: Stage1Model, data: InteractionData, by_person: dict[str, list[Interaction]],
+def score_top_k(model: ServedModel, data: InteractionData, by_person: dict[str, list[Interaction]],
                 user_key: Callable[[str], str], items, wanted, k: int, write, *,
                 items_path="--items", chunk: int = 4096, progress=None) -> dict[str, int]:
   """Top-``k`` unseen catalog items per person and wanted domain, fused as at evaluation."""
@@ -123,7 +123,7 @@ def score_top_k(model: Stage1Model, data: InteractionData, by_person: dict[str, 
   return {"users": len(people), "items": int(sum(len(r) for r in catalogs.values()))}
 
 
-def score_pairs(model: Stage1Model, data: InteractionData, by_person, user_key, items, pairs_path,
+def score_pairs(model: ServedModel, data: InteractionData, by_person, user_key, items, pairs_path,
                 person_of, wanted, write, *, items_path="--items", progress=None) -> dict[str, int]:
   """Scores of (user_id, item_id, domain) pairs: clipped predicted ratings on rating domains, the
   fused (z-scored) score on implicit ones, which is what ranked them at evaluation."""
@@ -133,27 +133,27 @@ def score_pairs(model: Stage1Model, data: InteractionData, by_person, user_key, 
   names, rows = iter_rows(pairs_path)
   missing = [c for c in ("user_id", "item_id", "domain") if c not in names]
   if missing:
-    raise Stage1ScoringError(f"{pairs_path}: missing column(s) {missing}; pairs need "
+    raise CatalogError(f"{pairs_path}: missing column(s) {missing}; pairs need "
                              "user_id,item_id,domain")
   grouped = collections.defaultdict(list)       # domain -> [(user_id, item_id, person, global)]
   for place, row in rows:
     u, i, d = (str(row.get(c) or "").strip() for c in ("user_id", "item_id", "domain"))
     if d not in data.names:
-      raise Stage1ScoringError(f"{place}: field domain {d!r} is not a domain of this model "
+      raise CatalogError(f"{place}: field domain {d!r} is not a domain of this model "
                                f"({data.names})")
     g = lookup.index.get((d, i))
     if g is None or g not in listed:
-      raise Stage1ScoringError(f"{place}: field item_id {i!r} of domain {d!r} is not a trained "
+      raise CatalogError(f"{place}: field item_id {i!r} of domain {d!r} is not a trained "
                                "item listed in the items file")
     if d in wanted:
       grouped[data.names.index(d)].append((u, i, person_of(d, u), g))
   if not grouped:
-    raise Stage1ScoringError(f"{pairs_path}: no pairs to score")
+    raise CatalogError(f"{pairs_path}: no pairs to score")
   total = 0
   for d, pairs in grouped.items():
     for person in {p for _, _, p, _ in pairs}:
       if not by_person.get(person):
-        raise Stage1ScoringError(f"user {person!r} has no history in the users file: scoring needs "
+        raise CatalogError(f"user {person!r} has no history in the users file: scoring needs "
                                  "at least one interaction (cold users: include their history)")
     batch = [(lookup.user_of(user_key(p)), by_person[p]) for _, _, p, _ in pairs]
     targets = np.array([g for _, _, _, g in pairs])
@@ -177,6 +177,6 @@ def score_pairs(model: Stage1Model, data: InteractionData, by_person, user_key, 
   return {"pairs": total, "users": len({p for v in grouped.values() for _, _, p, _ in v})}
 
 
-def _history_length(model: Stage1Model) -> int:
+def _history_length(model: ServedModel) -> int:
   s = model.hybrid.settings
   return s.history_length_all if model.hybrid.context == "all" else s.history_length

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from crossrec_jax import data as data_lib
 from crossrec_jax import fusion, metrics, ranking, text_cache
 from crossrec_jax.baselines import Popularity, UserItemBias, evaluate_ranking
-from crossrec_jax.cached_training import (HybridSettings, build_histories, fit_hybrid,
+from crossrec_jax.training.hybrid import (HybridSettings, build_histories, fit_hybrid,
                                          standardize)
 from crossrec_jax.interactions import InteractionData
 
@@ -247,10 +247,10 @@ def test_text_vector_cache_is_keyed_and_survives_a_corrupt_file(tiny_checkpoint,
   np.testing.assert_allclose(again, first, atol=1e-6)
 
 
-def test_stage1_training_run_beats_its_baselines_checkpoints_and_restores(tmp_path, capsys):
+def test_frozen_run_beats_its_baselines_checkpoints_and_restores(tmp_path, capsys):
   from crossrec_jax import train  # pylint: disable=import-outside-toplevel
   from test_train import load_config  # pylint: disable=import-outside-toplevel
-  config = load_config("tiny", **{"stage": "cached", "data.data_dir": str(tmp_path / "tfds"),
+  config = load_config("tiny", **{"encoder_mode": "frozen", "data.data_dir": str(tmp_path / "tfds"),
                                   "data.synthetic_users": 200, "data.items_per_domain": 40,
                                   "hybrid.epochs": 30})
   first = train.train_and_evaluate(config, tmp_path / "run")
@@ -270,10 +270,10 @@ def test_stage1_training_run_beats_its_baselines_checkpoints_and_restores(tmp_pa
   # `python -m crossrec_jax.evaluate` restores the same served model and reports the same figures.
   from crossrec_jax import evaluate  # pylint: disable=import-outside-toplevel
   assert evaluate.evaluate_workdir(tmp_path / "run", "test") == first["metrics"]
-  _scores_the_stage1_run(config, tmp_path)
+  _scores_the_frozen_run(config, tmp_path)
 
 
-def _scores_the_stage1_run(config, tmp_path):
+def _scores_the_frozen_run(config, tmp_path):
   """The scoring CLI serves the fused stage-1 model: top-K without the user's own items, and
   pair scores equal to the top-K scores of the same (user, item)."""
   import csv  # pylint: disable=import-outside-toplevel
@@ -313,7 +313,7 @@ def _scores_the_stage1_run(config, tmp_path):
   with open(files / "items.csv", encoding="utf-8") as f:
     extra = f.read() + "zz-new,music,a brand new song\n"
   (tmp_path / "items_new.csv").write_text(extra, encoding="utf-8")
-  with pytest.raises(score.ScoringError, match="not in the catalog the stage-1 model was trained"):
+  with pytest.raises(score.ScoringError, match="not in the catalog the hybrid model was trained"):
     score.run_scoring(tmp_path / "run", files / "interactions.csv", tmp_path / "items_new.csv",
                       tmp_path / "refused.csv", top_k=3)
   assert not list(tmp_path.glob("refused.csv*"))

@@ -1,0 +1,1 @@
+"""Training: the loop, the optimizer, adversarial terms, inputs and the encoder modes."""

@@ -40,7 +40,8 @@ import scipy.sparse as sp
 
 from crossrec_jax import cli, errors
 from crossrec_jax import baselines as bl
-from crossrec_jax import config_defaults, fusion, metrics, ranking, text_cache, train
+from crossrec_jax import config_defaults, evaluation, fusion, metrics, text_cache, train
+from crossrec_jax.data import from_config
 from crossrec_jax.training.hybrid import HybridSettings, fit_hybrid
 from crossrec_jax.interactions import InteractionData, Queries
 
@@ -267,27 +268,35 @@ def ranking_section(data: InteractionData, text, args, results: Results, names, 
         per[d] = np.asarray(fusion.fuse({p: scores_test[p][d] for p in parts}, weights))
       scores_test[label] = per
 
+  # Both protocols through the library's evaluator: the full catalog, and (for comparison with
+  # papers) each target against --sampled_negatives negatives, drawn once for every method.
+  negatives = {d: evaluation.sample_negatives(data, test[d], d, args.sampled_negatives, args.seed)
+               for d in implicit} if args.sampled_negatives else {}
+  protocols = {"full": ""} | ({"sampled": f"sampled {args.sampled_negatives}"} if negatives else {})
   all_ranks = {}
   for method, per in scores_test.items():
     ranks = []
     for d in implicit:
       cols = slice(data.offsets[d], data.offsets[d + 1])
-      rank, cand = ranking.rank_of_targets(per[d], test[d].item - data.offsets[d],
-                                           test[d].context[:, cols])
-      cold = counts[test[d].item] <= COLD_ITEM_MAX_TRAIN
-      ranks.append((rank, cand, cold))
-      results.add(method, names[d], _metrics(rank, cand, k), per["ours"])
-      if cold.any():
-        results.add(method, names[d], _metrics(rank[cold], cand[cold], k), per["ours"], "cold items")
-    rank, cand, cold = (np.concatenate(x) for x in zip(*ranks))
-    all_ranks[method] = rank
-    results.add(method, "all", _metrics(rank, cand, k), per["ours"])
-    if cold.any():
-      results.add(method, "all", _metrics(rank[cold], cand[cold], k), per["ours"], "cold items")
-  print_ranking_table(results, [names[d] for d in implicit], test, counts, k)
+      ranked = evaluation.rank_scores(per[d], test[d].item - data.offsets[d],
+                                      test[d].context[:, cols], negatives.get(d))
+      ranks.append((ranked, counts[test[d].item] <= COLD_ITEM_MAX_TRAIN))
+    every = ({p: tuple(np.concatenate([r[p][i] for r, _ in ranks]) for i in range(2))
+              for p in protocols}, np.concatenate([cold for _, cold in ranks]))
+    for domain, (ranked, cold) in zip([names[d] for d in implicit] + ["all"], ranks + [every]):
+      for protocol, slice_name in protocols.items():
+        rank, cand = ranked[protocol]
+        results.add(method, domain, _metrics(rank, cand, k), per["ours"], slice_name)
+        if cold.any():
+          results.add(method, domain, _metrics(rank[cold], cand[cold], k), per["ours"],
+                      ", ".join(filter(None, (slice_name, "cold items"))))
+    all_ranks[method] = every[0]["full"][0]
+  for slice_name in protocols.values():
+    print_ranking_table(results, [names[d] for d in implicit], test, counts, k, slice_name)
   served = SERVED
   if served in all_ranks:
-    print(f"\n  paired differences over all {len(all_ranks[served])} targets (mean +- standard error):")
+    print(f"\n  paired differences over all {len(all_ranks[served])} targets, full catalog "
+          "(mean +- standard error):")
     for other in ("item-kNN", "EASE", CF_FUSION, TEXT_FUSION):
       cells = []
       for name, a, b in zip((f"HR@{k}", f"NDCG@{k}"), metrics.per_target_hits(all_ranks[served], k),
@@ -304,22 +313,27 @@ def _metrics(rank, cand, k):
   return {f"hr@{k}": m[f"hr@{k}"], f"ndcg@{k}": m[f"ndcg@{k}"]}
 
 
-def print_ranking_table(results: Results, domains, test, counts, k):
+def print_ranking_table(results: Results, domains, test, counts, k, slice_name=""):
+  """One protocol's table: the full catalog (``slice_name`` "") or "sampled N"."""
   methods = list(dict.fromkeys(r["method"] for r in results.rows if r["metric"] == f"hr@{k}"))
   n = {name: len(q) for name, q in zip(domains, test.values())}
   n_cold = sum(int(np.sum(counts[q.item] <= COLD_ITEM_MAX_TRAIN)) for q in test.values())
-  print(f"\nimplicit domains (full-catalog ranking, earlier items excluded; test n = " +
+  protocol = ("full-catalog ranking, earlier items excluded" if not slice_name else
+              f"{slice_name.split()[1]} sampled negatives per target, uniform over its domain "
+              "without the user's items")
+  cold_name = ", ".join(filter(None, (slice_name, "cold items")))
+  print(f"\nimplicit domains ({protocol}; test n = " +
         ", ".join(f"{d} {n[d]}" for d in domains) + f"; cold-item targets {n_cold})")
   head = "".join(f" {d[:8] + ' HR@' + str(k):>14} {'NDCG':>7}" for d in domains)
   print(f"  {'method':<58}{head} {'all HR@' + str(k):>11} {'NDCG':>7}  {'cold HR':>7} {'NDCG':>7}")
+  nan = float("nan")
   for m in methods:
     cells = ""
     for d in domains + ["all"]:
-      hr, nd = results.value(m, d, f"hr@{k}"), results.value(m, d, f"ndcg@{k}")
+      hr, nd = (results.value(m, d, f"{x}@{k}", slice_name) for x in ("hr", "ndcg"))
       cells += f" {hr:14.4f} {nd:7.4f}" if d != "all" else f" {hr:11.4f} {nd:7.4f}"
-    hr, nd = results.value(m, "all", f"hr@{k}", "cold items"), results.value(
-        m, "all", f"ndcg@{k}", "cold items")
-    cells += f"  {hr if hr is not None else float('nan'):7.4f} {nd if nd is not None else float('nan'):7.4f}"
+    hr, nd = (results.value(m, "all", f"{x}@{k}", cold_name) for x in ("hr", "ndcg"))
+    cells += f"  {hr if hr is not None else nan:7.4f} {nd if nd is not None else nan:7.4f}"
     print(f"  {m:<58}{cells}")
 
 
@@ -364,6 +378,8 @@ def _define_flags(fv, argv):
   flags.DEFINE_integer("seed", 0, "Seed of the split and of every model.", **d)
   numbers("ratio", (0.8, 0.0, 0.2), float, "train,valid,test split of MovieLens (random, seeded)")
   flags.DEFINE_integer("k", 10, "Cutoff of HR@k / NDCG@k.", **d)
+  flags.DEFINE_integer("sampled_negatives", 999, "Implicit domains: also rank each target against "
+                       "this many sampled negatives of its domain (0: full catalog only).", **d)
   flags.DEFINE_string("model", "embedded:all-MiniLM-L6-v2", "Frozen text encoder.", **d)
   flags.DEFINE_integer("item_max_length", 32, "Tokens per item text.", **d)
   flags.DEFINE_string("text_cache", "", f"Default {text_cache.DEFAULT_CACHE_DIR}.", **d)
@@ -407,7 +423,7 @@ def main(argv=None):
         f"{jax.devices()[0].device_kind} x{jax.device_count()}, "
         f"{platform.processor() or platform.machine()}", flush=True)
   config = data_config(args, data_path, source)
-  data = InteractionData.from_builder(train.prepare_data(config))
+  data = InteractionData.from_builder(from_config.prepare_data(config))
   splits = dict(zip(*np.unique(data.split, return_counts=True)))
   print(f"data: {data.num_users} users, " + ", ".join(
       f"{s['name']} ({s['task']}) {len(ids)} items" for s, ids in zip(data.domains, data.item_ids)) +

@@ -9,7 +9,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 32                 # global
-  c.train_steps = 1000
+  c.train_steps = 0                 # 0: the mode's own length (frozen: hybrid.epochs); end_to_end sets it
   c.log_every = 10
   c.eval_every = 200                # 0: only at the end
   c.checkpoint_every = 200
@@ -33,19 +33,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.tune = ml_collections.ConfigDict(dict(
       epochs=1, batch_size=256, refresh_items=256,  # items re-encoded per step (targets first)
       learning_rate=1e-4, encoder_learning_rate=2e-5))
-  # The hybrid model: None keeps the measured default for the data's kind
-  # (training.inputs.EXPLICIT / IMPLICIT); any field of training.inputs.HybridSettings.
+  # The hybrid model (the frozen mode and the tune mode's network): None keeps the measured
+  # default for the data's kind (training.inputs.EXPLICIT / IMPLICIT); any field of
+  # training.inputs.HybridSettings but APR's, which config.adversarial sets (method "apr").
   placeholder = ml_collections.config_dict.placeholder
   c.hybrid = ml_collections.ConfigDict({name: placeholder(kind) for name, kind in (
       ("dim", int), ("epochs", int), ("batch_size", int), ("learning_rate", float),
       ("num_negatives", int), ("use_text", bool), ("use_history", bool),
       ("use_history_text", bool), ("use_ids", bool), ("use_biases", bool), ("use_tags", bool),
-      ("cross_domain", bool), ("adversarial", str), ("adversarial_eps", float),
-      ("adversarial_weight", float))})
+      ("cross_domain", bool))})
   # CF + deep fusion (implicit domains; weights tuned on valid).
   c.fusion = ml_collections.ConfigDict(dict(
       components=("item_knn", "ease", "text_knn"), knn_k=100, knn_shrink=20.0, ease_lambda=30.0,
       text_knn_k=50))
+
+  # Evaluation (crossrec_jax/evaluation.py): HR / NDCG / Recall / MRR at each of ``ks``, with
+  # cold-user and cold-item (at most cold_item_max_train train interactions) slices. Next to the
+  # full-catalog ranking, sampled_negatives > 0 also ranks each target against that many
+  # negatives of its domain (uniform, the user's own items left out), drawn once from ``seed``
+  # (kept apart from c.seed: runs with other training seeds meet the same negatives).
+  c.eval = ml_collections.ConfigDict(dict(
+      ks=(10, 20), sampled_negatives=0, seed=0, cold_item_max_train=2))
 
   c.model = ml_collections.ConfigDict(dict(
       checkpoint="embedded:all-MiniLM-L6-v2",  # HF dir, hub id (online), embedded:..., generated:tiny
@@ -66,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
       user_max_length=64, item_max_length=24, num_negatives=1,
       eval_split="valid", test_split="test", eval_limit=0))  # eval_limit 0: whole split
 
+  # The end_to_end mode's optimizer (training/optim.py: one factory and warmup rule for every
+  # mode; the frozen mode takes hybrid.learning_rate / warmup_fraction, the tune mode tune.*).
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, encoder_lr_factor=1.0, schedule="linear", warmup_steps=100,
       end_lr_factor=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
@@ -77,10 +87,14 @@ def base_config() -> ml_collections.ConfigDict:
       logq_correction=True,
       rating_positive_threshold=0.75, domain_weights={}))
 
+  # One objective in every mode: L + weight * L_adv, L_adv the loss at the worst case within
+  # an L2 ball of radius eps (training/adversarial.py). method: none | fgm | pgd | smart (word
+  # embeddings, per example over tokens x hidden; tune: fgm, pgd; end_to_end: all three) |
+  # apr (user / item vectors, per vector; frozen). Off by default: APR was measured not to help
+  # the served model. eps / weight None: the method's default (adversarial.DEFAULTS).
   c.adversarial = ml_collections.ConfigDict(dict(
-      method="fgm",        # none | fgm | pgd | smart
-      # L2 radius per example over (tokens, hidden); BERT token embeddings have norm ~1.
-      eps=0.02, weight=0.2, step_size=0.01, steps=2, noise=1e-3))
+      method="none", eps=placeholder(float), weight=placeholder(float),
+      step_size=0.01, steps=2, noise=1e-3))  # pgd / smart: K ascent steps of step_size
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = tuple(DEFAULT_RULES)

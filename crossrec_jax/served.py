@@ -7,8 +7,11 @@ split -> fusion weights tuned per implicit domain on valid -> Orbax checkpoint (
 settings, fusion weights and CF hyper-parameters as JSON) -> valid / test metrics next to the
 popularity / item-mean baselines.
 
-Re-running with a checkpoint present restores it instead of training again (CF parts are
-refitted: they are deterministic functions of the train split).
+Training runs through the one loop (``training/loop.py``) on the device mesh: periodic
+checkpoints (state + batch-iterator state, so a resume is exact), SIGTERM, the finite-loss
+check, ``steps_per_run``, ``best_metric`` and early stopping on the network's valid metrics.
+Re-running with a finished checkpoint present restores it instead of training again (CF parts
+are refitted: they are deterministic functions of the train split).
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
-from flax import nnx
 
 from crossrec_jax import baselines as bl
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax import fusion, metric_writers, metrics, ranking, text_cache
-from crossrec_jax.training.hybrid import FittedHybrid, HybridSettings, fit_hybrid
+from crossrec_jax import fusion, metric_writers, sharding, text_cache
+from crossrec_jax.training import loop
+from crossrec_jax.training.hybrid import FittedHybrid, HybridSettings, build_trainer
 from crossrec_jax.data.from_config import (prepare_data, public_config_dict,
                                           resolve_link_secret, resolve_model_checkpoint,
                                           secret_description)
@@ -86,32 +89,12 @@ def tune_fusion(model: FittedHybrid, cf, data: InteractionData) -> dict[int, dic
 
 def evaluate(model: ServedModel, data: InteractionData, split: str, k: int = 10
              ) -> dict[str, dict[str, float]]:
-  """Per domain: ours (fused where fused) next to popularity / item-mean on the same targets."""
-  results = {}
-  popularity = data.item_counts()
-  item_mean = None
-  for d, spec in enumerate(data.domains):
-    if not data.mask((split,), d).any():
-      continue
-    if spec["task"] == "rating":
-      q = data.queries(split, d, context=model.hybrid.context)
-      lo, hi = spec["min_rating"], spec["max_rating"]
-      pred = np.clip(model.score_pairs(q), lo, hi)
-      item_mean = item_mean or bl.ItemMean().fit(data)
-      base = item_mean.score_pairs(q)
-      results[spec["name"]] = {"n": len(q), "rmse": metrics.rmse(pred, q.label),
-                               "mae": metrics.mae(pred, q.label),
-                               "baseline_rmse": metrics.rmse(base, q.label),
-                               "baseline_mae": metrics.mae(base, q.label)}
-    else:
-      q = data.queries(split, d)
-      cols = slice(data.offsets[d], data.offsets[d + 1])
-      ours = ranking.ranking_metrics(model.score_catalog(q, d), q.item - data.offsets[d],
-                                     q.context[:, cols], k)
-      pop = ranking.ranking_metrics(np.broadcast_to(popularity[cols], (len(q), cols.stop - cols.start)),
-                                    q.item - data.offsets[d], q.context[:, cols], k)
-      results[spec["name"]] = ours | {f"baseline_{m}": v for m, v in pop.items() if m != "n"}
-  return results
+  """Per domain: ours (fused where fused) next to the baseline rows, with the slices and
+  protocols of ``evaluation.evaluate_model`` (``config.eval``'s defaults, ``k`` among the K)."""
+  from crossrec_jax import config_defaults, evaluation  # pylint: disable=import-outside-toplevel
+  config = config_defaults.base_config()
+  config.eval.ks = tuple(sorted({k, *config.eval.ks}))
+  return evaluation.evaluate_model(model, data, split, config)
 
 
 def evaluate_and_report(model: ServedModel, data: InteractionData, step: int, workdir,
@@ -149,21 +132,26 @@ def _inputs(config, workdir: epath.Path, secret=None):
   return data, text, settings, meta
 
 
-def _restore(checkpointer, data, text, settings, meta):
-  """(step, hybrid, fusion weights) of the newest checkpoint, or None when there is none."""
+def trainer_for(config, data, text, settings, mesh=None):
+  """The hybrid trainer of a run: ``train_steps`` (> 0) overrides ``settings.epochs``."""
+  mesh = mesh if mesh is not None else sharding.create_mesh(dict(config.mesh))
+  return build_trainer(data, settings, text=text, mesh=mesh, rules=tuple(config.sharding_rules),
+                       total_steps=int(config.train_steps))
+
+
+def _restore(checkpointer, data, text, settings, meta, config=None):
+  """(step, hybrid, fusion weights) of the newest finished checkpoint (one with fusion
+  weights), or None when there is none."""
   if not checkpointer.all_steps():
     return None
-  # The untrained model gives the checkpoint's structure; epochs=0 trains nothing.
-  hybrid = fit_hybrid(data, dataclasses.replace(settings, epochs=0), text=text, verbose=False)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          nnx.to_pure_dict(nnx.split(hybrid.model)[1]))
-  restored = checkpointer.restore(abstract, expected_meta=meta, params_only=True)
-  if restored is None:
+  trainer = (trainer_for(config, data, text, settings) if config is not None
+             else build_trainer(data, settings, text=text))
+  restored = checkpointer.restore(trainer.abstract_state().params, expected_meta=meta,
+                                  params_only=True)
+  if restored is None or "fusion_weights" not in restored[3]:
     return None
   step, params, _, saved = restored
-  nnx.update(hybrid.model, params)
-  hybrid.refresh()
-  return step, hybrid, {int(d): w for d, w in saved["fusion_weights"].items()}
+  return step, trainer.fitted(params), {int(d): w for d, w in saved["fusion_weights"].items()}
 
 
 def load(workdir, config, secret=None) -> tuple[ServedModel, InteractionData, int]:
@@ -174,33 +162,71 @@ def load(workdir, config, secret=None) -> tuple[ServedModel, InteractionData, in
   data, text, settings, meta = _inputs(config, workdir, secret)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
   try:
-    restored = _restore(checkpointer, data, text, settings, meta)
+    restored = _restore(checkpointer, data, text, settings, meta, config)
   finally:
     checkpointer.close()
   if restored is None:
-    raise ckpt_lib.CheckpointIncompatibleError(f"{workdir}: no frozen-mode checkpoint to restore")
+    raise ckpt_lib.CheckpointIncompatibleError(
+        f"{workdir}: no finished frozen-mode checkpoint to restore (train it to the end first)")
   step, hybrid, weights = restored
   return ServedModel(hybrid, fit_cf(data, config, text), weights), data, step
 
 
-def train_and_evaluate(config, workdir) -> dict[str, Any]:
+def train_and_evaluate(config, workdir, progress_marker=None) -> dict[str, Any]:
   workdir = epath.Path(workdir)  # gs://bucket/run stays intact (pathlib: gs:/bucket/run)
   workdir.mkdir(parents=True, exist_ok=True)
   data, text, settings, meta = _inputs(config, workdir)
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
+  trainer = trainer_for(config, data, text, settings)
+  checkpointer = ckpt_lib.Checkpointer.from_config(config, workdir / "checkpoints")
+  batches = trainer.batches()
   try:
-    restored = _restore(checkpointer, data, text, settings, meta)
+    restored = checkpointer.restore(trainer.abstract_state(), expected_meta=meta)
+    weights = None
     if restored is not None:
-      step, hybrid, weights = restored
+      step, state, data_state, saved = restored
+      if data_state:
+        batches.set_state(data_state)
+      weights = saved.get("fusion_weights")
       print(f"Restored the frozen-mode model from {checkpointer.directory}/{step}")
     else:
-      hybrid = fit_hybrid(data, settings, text=text, verbose=True)
+      step, state = 0, trainer.init_state()
+    if weights is None:  # not finished: train (on from the restored step)
+      eval_split = config.data.eval_split if data.mask((config.data.eval_split,)).any() else "test"
+      writer = metric_writers.create_default_writer(workdir)
+
+      def network_metrics(state, step):
+        results = evaluate(ServedModel(trainer.fitted(state.params), {}, {}), data, eval_split)
+        writer.write_scalars(step, metric_writers.flatten(results, f"{eval_split}/"))
+        if jax.process_index() == 0:
+          from crossrec_jax.evaluation import format_table  # pylint: disable=import-outside-toplevel
+          print(f"\n[step {step}] {eval_split} metrics of the network (ours vs baseline):\n"
+                f"{format_table(results)}")
+        return results
+
+      def mark(step):
+        if progress_marker is not None:
+          progress_marker.started = True
+
+      try:
+        result = loop.run_loop(
+            loop.LoopSettings.from_config(config, trainer.total_steps), state, trainer.step,
+            batches, start=step, checkpointer=checkpointer, meta=meta, evaluate=network_metrics,
+            writer=writer, examples=lambda batch: batch[2], learning_rate=trainer.schedule,
+            on_step=mark, show_progress=jax.process_index() == 0)
+      finally:
+        writer.close()
+      if not result.finished:
+        return {"step": result.step, "metrics": {}, "preempted": result.preempted}
+      step, state = result.step, result.state
+    hybrid = trainer.fitted(state.params)
     cf = fit_cf(data, config, text)
-    if restored is None:
+    if weights is None:
       weights = tune_fusion(hybrid, cf, data)
-      step = settings.epochs
-      checkpointer.save(step, {"params": nnx.to_pure_dict(nnx.split(hybrid.model)[1])}, None,
+      if step in checkpointer.all_steps():  # an early stop saved this step without weights
+        checkpointer.manager.delete(step)
+      checkpointer.save(step, state, batches.get_state(),
                         meta | {"fusion_weights": {str(d): w for d, w in weights.items()}})
+    weights = {int(d): w for d, w in weights.items()}
   finally:
     checkpointer.close()
   model = ServedModel(hybrid, cf, weights)

@@ -15,7 +15,7 @@ from flax import nnx
 from orbax.checkpoint import checkpoint_managers as policies
 
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax import score, train
+from crossrec_jax import experiment, score, train
 from crossrec_jax.training import steps
 from crossrec_jax.models import BertConfig, CrossDomainRecommender, RecommenderConfig
 
@@ -54,7 +54,7 @@ def _assert_trees_equal(a, b):
 def test_checkpoint_from_before_the_split_resumes_and_scores(trained, files, tmp_path, capsys):
   workdir, config = trained
   assert {"params", "state"} <= {p.name for p in (workdir / "checkpoints" / "6").iterdir()}
-  run, _ = train.build_run(config, workdir)
+  run, _ = experiment.build_run(config, workdir)
   abstract = ckpt_lib.abstract_like(run.abstract_state, run.state_shardings)
   new = _restore_all(workdir, abstract)
   old_dir = tmp_path / "old"

@@ -14,7 +14,7 @@ import pytest
 
 from crossrec_jax import checkpoint as ckpt_lib
 from crossrec_jax import evaluate as eval_lib
-from crossrec_jax import score, train
+from crossrec_jax import experiment, score, train
 from crossrec_jax.data import SyntheticConfig, synthetic
 
 
@@ -40,7 +40,7 @@ def files(trained, tmp_path_factory):
 def test_bulk_scores_equal_training_eval_scores(trained):
   workdir, config = trained
   scorer = score.Scorer.from_checkpoint(workdir)
-  run, _ = train.build_run(config, workdir)
+  run, _ = experiment.build_run(config, workdir)
   evaluator = eval_lib.Evaluator(run.graphdef, run.mesh, run.catalog, run.tokenizer,
                                  run.pipe_config, run.model_config)
   preds, records = evaluator.predictions(scorer.params, run.sources["test"])
@@ -203,7 +203,7 @@ def test_scoring_restores_params_only_from_a_full_train_state(trained):
   reads the params subtree alone, with the same values a full restore gives."""
   workdir, config = trained
   scorer = score.Scorer.from_checkpoint(workdir)
-  run, _ = train.build_run(config, workdir)
+  run, _ = experiment.build_run(config, workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
   try:
     _, full, _, _ = checkpointer.restore(ckpt_lib.abstract_like(run.abstract_state,

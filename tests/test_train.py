@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax import sharding, train
+from crossrec_jax import errors, experiment, sharding, train
 from crossrec_jax.training import optim
 from crossrec_jax.training import steps
 from crossrec_jax.data import pipeline
@@ -53,8 +53,8 @@ def _batches(run, n):
 
 
 def _losses(config, workdir, devices, batches=None, n=3):
-  run, params = train.build_run(config, workdir, devices)
-  state = train.init_state(run, params)
+  run, params = experiment.build_run(config, workdir, devices)
+  state = experiment.init_state(run, params)
   tables = steps.TaskTables.from_config(run.model_config)
   step = steps.jit_train_step(steps.make_train_step(run.graphdef, run.tx, tables, config),
                               run.state_shardings, run.mesh)
@@ -72,8 +72,8 @@ def test_eight_devices_are_visible():
 
 def test_fsdp_shards_params_and_optimizer_state(tmp_path, data_dir):
   config = load_config(**{"data.data_dir": data_dir, "mesh.data": 1, "mesh.fsdp": 8})
-  run, params = train.build_run(config, tmp_path)
-  state = train.init_state(run, params)
+  run, params = experiment.build_run(config, tmp_path)
+  state = experiment.init_state(run, params)
   arrays = jax.tree.leaves((state.params, state.opt_state))
   total = sum(a.nbytes for a in arrays)
   per_device = {}
@@ -134,10 +134,10 @@ def test_eight_device_losses_match_one_device(tmp_path, data_dir, mesh):
 
 def test_fresh_rating_head_predicts_the_train_mean(tmp_path, data_dir):
   config = load_config(**{"data.data_dir": data_dir})
-  run, params = train.build_run(config, tmp_path)
+  run, params = experiment.build_run(config, tmp_path)
   rating_domains = [d for d, s in enumerate(run.model_config.domains) if s.task == "rating"]
   assert rating_domains
-  state = train.init_state(run, params)
+  state = experiment.init_state(run, params)
   _, _, predict, _, _ = steps.make_encode_fns(run.graphdef)
   batch = _batches(run, 1)[0]
   for d in rating_domains:
@@ -154,7 +154,7 @@ def test_fresh_rating_head_predicts_the_train_mean(tmp_path, data_dir):
 
 def test_frozen_layers_do_not_move_and_decay_mask(tmp_path, data_dir):
   config = load_config(**{"data.data_dir": data_dir, "optim.freeze_encoder_layers": 1})
-  run, params = train.build_run(config, tmp_path)
+  run, params = experiment.build_run(config, tmp_path)
   labels = optim.trainable_labels(params, config)
   assert labels["encoder"]["layers"][0]["query"]["kernel"] == "frozen"
   assert labels["encoder"]["layers"][1]["query"]["kernel"] == "encoder"
@@ -181,8 +181,8 @@ def test_frozen_encoder_is_left_out_of_the_backward_pass(tmp_path, data_dir):
   for frozen in (0, -1):
     config = load_config(**{"data.data_dir": data_dir, "adversarial.method": "none",
                             "optim.freeze_encoder_layers": frozen})
-    run, params = train.build_run(config, tmp_path / str(frozen))
-    state = train.init_state(run, params)
+    run, params = experiment.build_run(config, tmp_path / str(frozen))
+    state = experiment.init_state(run, params)
     tables = steps.TaskTables.from_config(run.model_config)
     step = steps.jit_train_step(steps.make_train_step(run.graphdef, run.tx, tables, config),
                                 run.state_shardings, run.mesh)
@@ -198,7 +198,7 @@ def test_parameter_efficient_mode_trains_only_matching(tmp_path, data_dir):
   moved (warmup 0, so the first step already has a learning rate)."""
   config = load_config(**{"data.data_dir": data_dir, "optim.warmup_steps": 0,
                           "optim.trainable_patterns": ("^head/", "_ids/", "layers/1/")})
-  run, params = train.build_run(config, tmp_path, jax.devices()[:1])
+  run, params = experiment.build_run(config, tmp_path, jax.devices()[:1])
   labels = optim.trainable_labels(params, config)
   flat_labels = jax.tree.leaves(labels)
   assert flat_labels.count("frozen") > flat_labels.count("head") > 0
@@ -221,13 +221,13 @@ def test_gradient_accumulation_averages_k_batches_into_one_update(tmp_path, data
   update with the mean of both batches' gradients."""
   base = {"data.data_dir": data_dir, "optim.warmup_steps": 0, "adversarial.method": "none"}
   config = load_config(**base, **{"optim.accumulate_steps": 2})
-  run, params = train.build_run(config, tmp_path, jax.devices()[:1])
+  run, params = experiment.build_run(config, tmp_path, jax.devices()[:1])
   params0 = jax.tree.map(np.array, params)
   batches = _batches(run, 2)
   tables = steps.TaskTables.from_config(run.model_config)
   step = steps.jit_train_step(steps.make_train_step(run.graphdef, run.tx, tables, config),
                               run.state_shardings, run.mesh)
-  state = train.init_state(run, params)
+  state = experiment.init_state(run, params)
   state, _ = step(state, sharding.host_batch_to_global(batches[0], run.mesh))
   after_one = jax.tree.map(np.asarray, state.params)
   state, _ = step(state, sharding.host_batch_to_global(batches[1], run.mesh))
@@ -421,7 +421,7 @@ def test_nan_loss_stops_without_checkpoint(tmp_path, data_dir, overrides):
   config = load_config(**{"data.data_dir": data_dir, "optim.learning_rate": 1e30,
                           "optim.clip_norm": 0.0, "optim.warmup_steps": 0,
                           "adversarial.method": "none", **overrides})  # none: a faster compile
-  with pytest.raises(train.NonFiniteLossError, match=r"loss is (nan|inf) at step \d+; stopping without checkpointing"):
+  with pytest.raises(errors.NonFiniteLossError, match=r"loss is (nan|inf) at step \d+; stopping without checkpointing"):
     train.train_and_evaluate(config, workdir)
   if "steps_per_run" in overrides:
     assert _saved_steps(workdir) == []
@@ -527,7 +527,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir, finished_run, 
   for f in files:
     _flip_bytes(f)
   config = load_config(**{"data.data_dir": data_dir})
-  run, _ = train.build_run(config, workdir)
+  run, _ = experiment.build_run(config, workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
   with caplog.at_level("WARNING"):
     step, state, data_state, _ = checkpointer.restore(

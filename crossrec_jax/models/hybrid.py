@@ -15,6 +15,12 @@ N_d is the user's history in the target domain and N_o in the other domains: the
 separate signals with per-domain gates, because mixing them into one pooled vector measurably
 hurt on Amazon Arts x Office. The history terms are how a cold user (no ID row) is represented.
 Each component is a config switch, so the benchmark can ablate it.
+
+Every parameter carries ``logical_axes``: the user- and item-indexed tables (ID factors, biases,
+history factors) have rows ``users`` / ``items``, which ``sharding.py`` splits over the devices.
+Their row counts are padded to ``ROW_MULTIPLE`` (zero rows that no index reaches) so that they
+divide over any data-parallel mesh, and that padding does not depend on the device count: a
+checkpoint restores on another mesh.
 """
 
 from __future__ import annotations
@@ -25,6 +31,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+ROW_MULTIPLE = 512
+USERS, ITEMS = "users", "items"   # logical axes of the ID tables' rows (sharding.DEFAULT_RULES)
+
+
+def padded_rows(n: int) -> int:
+  """Rows of a table over ``n`` ids plus the unknown / padding row."""
+  return -(-(n + 1) // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,32 +69,44 @@ def _normal(rngs, shape, std):
   return jax.random.normal(rngs.params(), shape) * std
 
 
+def _param(value, axes, rows=None):
+  """A parameter with its logical axes; ``rows``: zero-pad the first axis to that many rows
+  (drawn at the unpadded shape, so the values do not depend on the padding)."""
+  if rows is not None:
+    value = jnp.pad(value, [(0, rows - value.shape[0])] + [(0, 0)] * (value.ndim - 1))
+  return nnx.Param(value, logical_axes=axes)
+
+
+def _linear(rngs, n_in, n_out, **kw):
+  return nnx.Linear(n_in, n_out, rngs=rngs, kernel_metadata={"logical_axes": (None, None)},
+                    bias_metadata={"logical_axes": (None,)}, **kw)
+
+
 class HybridRecommender(nnx.Module):
   """Inputs are indices into the cached tables; see ``training.hybrid`` for the batches."""
 
   def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs):
     c = self.config = config
-    self.global_bias = nnx.Param(jnp.zeros((c.num_domains,)))
-    self.user_bias = nnx.Param(jnp.zeros((c.num_users + 1, c.num_domains)))
-    self.item_bias = nnx.Param(jnp.zeros((c.num_items + 1,)))
+    users, items = padded_rows(c.num_users), padded_rows(c.num_items)
+    self.global_bias = _param(jnp.zeros((c.num_domains,)), (None,))
+    self.user_bias = _param(jnp.zeros((c.num_users + 1, c.num_domains)), (USERS, None), users)
+    self.item_bias = _param(jnp.zeros((c.num_items + 1,)), (ITEMS,), items)
     # Row num_users / num_items is the "unknown" / padding row: kept at zero by masking.
-    self.user_factors = nnx.Param(_normal(rngs, (c.num_users + 1, c.dim), 0.01))
-    self.item_factors = nnx.Param(_normal(rngs, (c.num_items + 1, c.dim), 0.01))
-    self.tag_embeddings = nnx.Param(_normal(rngs, (max(c.num_tags, 1), c.dim), 0.01))
-    self.user_tag_embeddings = nnx.Param(_normal(rngs, (max(c.num_user_tags, 1), c.dim), 0.01))
-    self.history_factors = nnx.Param(_normal(rngs, (c.num_items + 1, c.dim), 0.01))
-    self.history_gates = nnx.Param(jnp.stack([jnp.ones(c.num_domains),
-                                              jnp.full(c.num_domains, 0.5)], -1))
+    self.user_factors = _param(_normal(rngs, (c.num_users + 1, c.dim), 0.01), (USERS, None), users)
+    self.item_factors = _param(_normal(rngs, (c.num_items + 1, c.dim), 0.01), (ITEMS, None), items)
+    self.tag_embeddings = _param(_normal(rngs, (max(c.num_tags, 1), c.dim), 0.01), (None, None))
+    self.user_tag_embeddings = _param(_normal(rngs, (max(c.num_user_tags, 1), c.dim), 0.01),
+                                      (None, None))
+    self.history_factors = _param(_normal(rngs, (c.num_items + 1, c.dim), 0.01), (ITEMS, None), items)
+    self.history_gates = _param(jnp.stack([jnp.ones(c.num_domains),
+                                           jnp.full(c.num_domains, 0.5)], -1), (None, None))
     if c.text_dim:
-      self.item_text = nnx.Linear(c.text_dim, c.dim, use_bias=False, rngs=rngs,
-                                  kernel_init=nnx.initializers.normal(0.01))
-      self.history_mlp_in = nnx.Linear(2 * c.text_dim + 2 + c.num_domains, c.mlp_hidden, rngs=rngs)
-      self.history_mlp_out = nnx.Linear(c.mlp_hidden, c.dim, rngs=rngs,
-                                        kernel_init=nnx.initializers.normal(0.01))
-      self.history_text = nnx.Linear(c.text_dim, c.dim, use_bias=False, rngs=rngs,
-                                     kernel_init=nnx.initializers.normal(0.01))
-      self.profile_text = nnx.Linear(c.text_dim, c.dim, use_bias=False, rngs=rngs,
-                                     kernel_init=nnx.initializers.normal(0.01))
+      small = nnx.initializers.normal(0.01)
+      self.item_text = _linear(rngs, c.text_dim, c.dim, use_bias=False, kernel_init=small)
+      self.history_mlp_in = _linear(rngs, 2 * c.text_dim + 2 + c.num_domains, c.mlp_hidden)
+      self.history_mlp_out = _linear(rngs, c.mlp_hidden, c.dim, kernel_init=small)
+      self.history_text = _linear(rngs, c.text_dim, c.dim, use_bias=False, kernel_init=small)
+      self.profile_text = _linear(rngs, c.text_dim, c.dim, use_bias=False, kernel_init=small)
 
   # --------------------------------------------------------------------------------- towers
   def item_vectors(self, text, items=None, item_delta=None, tags=None):

@@ -1,4 +1,5 @@
-"""Training the hybrid model on cached frozen-encoder text vectors, at MF speed.
+"""Training the hybrid model on cached frozen-encoder text vectors, at MF speed, on the device
+mesh through the one loop (``training/loop.py``).
 
 ``fit_hybrid(data, settings, text=...)`` trains ``models.hybrid.HybridRecommender`` on the train
 split of an ``InteractionData``: mean squared error on explicit domains, full-catalog softmax
@@ -16,9 +17,8 @@ user (random splits, where order says nothing about what was known; this is SVD+
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
-from typing import Any
+import json
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,11 @@ from crossrec_jax.training.inputs import (EXPLICIT, IMPLICIT, HybridSettings,  #
                                           resolve_context,
                                           resolve_user_ids, standardize, tag_matrix,
                                           tag_vocabulary)
+from crossrec_jax import sharding
 from crossrec_jax.interactions import InteractionData, Queries
-from crossrec_jax.models.hybrid import HybridConfig, HybridRecommender
+from crossrec_jax.models.hybrid import HybridConfig, HybridRecommender, padded_rows
+from crossrec_jax.training import loop
+from crossrec_jax.training.steps import TrainState, state_shardings
 
 
 # ------------------------------------------------------------------------------------------------
@@ -45,8 +48,10 @@ class FittedHybrid:
   def __init__(self, model: HybridRecommender, data: InteractionData, settings: HybridSettings,
                context: str, text, profile, profile_rows, log: list[dict], tags):
     self.model, self.data, self.settings, self.context = model, data, settings, context
-    self.text, self.profile, self.profile_rows, self.log = text, profile, profile_rows, log
-    self.tags, self.user_tags = tags["items"], tags["users"]
+    rows = padded_rows(data.num_items)
+    self.text, self.tags = pad_rows(text, rows), pad_rows(tags["items"], rows)
+    self.profile, self.profile_rows, self.log = profile, profile_rows, log
+    self.user_tags = tags["users"]
     self.name = "hybrid"
     self._domain_of_item = jnp.asarray(np.append(data.domain_of_item(), -1).astype(np.int32))
     self.refresh()
@@ -249,12 +254,15 @@ def training_setup(data: InteractionData, settings: HybridSettings, text=None, p
   tag_table = tag_matrix(data) if s.use_tags else np.zeros((data.num_items + 1, 0), np.float32)
   user_tag_table = (tag_matrix(data, users=True) if s.use_user_tags
                     else np.zeros((data.num_users + 1, 0), np.float32))
-  tables = {"tags": jnp.asarray(tag_table), "user_tags": jnp.asarray(user_tag_table),
-            "text": jnp.asarray(text_table), "profile": jnp.asarray(profile_table),
+  # Tables the model reads whole are padded to its (shardable) row counts; the padding rows
+  # are zero, and no index reaches them.
+  item_rows, user_rows = padded_rows(data.num_items), padded_rows(data.num_users)
+  tables = {"tags": pad_rows(tag_table, item_rows), "user_tags": jnp.asarray(user_tag_table),
+            "text": pad_rows(text_table, item_rows), "profile": jnp.asarray(profile_table),
             "domain_of_item": jnp.asarray(np.append(data.domain_of_item(), -1).astype(np.int32)),
             "log_q": jnp.asarray(np.log(q_item + 1e-12).astype(np.float32)),
-            "user_count_w": jnp.asarray(np.sqrt(counts)),
-            "item_count_w": jnp.asarray(np.sqrt(item_counts))}
+            "user_count_w": pad_rows(np.sqrt(counts), user_rows),
+            "item_count_w": pad_rows(np.sqrt(item_counts), item_rows)}
   batch_size = {d: min(s.batch_size, len(rows)) for d, rows in examples.items()}
   width = {d: min(batch_size[d], len(np.unique(example_hist[position[d]]))) for d in examples}
   steps_per_epoch = {d: -(-len(rows) // batch_size[d]) for d, rows in examples.items()}
@@ -263,92 +271,213 @@ def training_setup(data: InteractionData, settings: HybridSettings, text=None, p
                        steps_per_epoch, q_item, float(len(all_rows)))
 
 
-def epoch_batches(data: InteractionData, setup: TrainingSetup, settings: HybridSettings, rng,
-                  cache: dict | None = None):
-  """(domain, batch) for one epoch, domains interleaved at random. ``cache`` keeps a
-  full-batch domain's batch, which does not change between epochs, on device."""
-  s, cache = settings, {} if cache is None else cache
-  schedule_rows = []
-  for d, rows in setup.examples.items():
-    perm = rng.permutation(len(rows))
+def pad_rows(table, rows: int):
+  """``table`` with zero rows appended up to ``rows`` (the model's padded item / user rows)."""
+  if table.shape[0] >= rows:
+    return table
+  return jnp.pad(jnp.asarray(table), [(0, rows - table.shape[0])] + [(0, 0)] * (table.ndim - 1))
+
+
+def _epoch_schedule(setup: TrainingSetup, rng) -> list[tuple[int, np.ndarray]]:
+  """(domain, example positions) of one epoch's batches, domains interleaved at random."""
+  rows = []
+  for d, examples in setup.examples.items():
+    perm = rng.permutation(len(examples))
     for k in range(setup.steps_per_epoch[d]):
-      schedule_rows.append((d, perm[k * setup.batch_size[d]:(k + 1) * setup.batch_size[d]]))
-  for n in rng.permutation(len(schedule_rows)):
-    d, chosen = schedule_rows[n]
-    if d in cache:
-      batch = cache[d]
+      rows.append((d, perm[k * setup.batch_size[d]:(k + 1) * setup.batch_size[d]]))
+  return [rows[n] for n in rng.permutation(len(rows))]
+
+
+class HybridBatches(loop.ResumableIterator):
+  """Endless (domain, device batch, examples) triples, epoch after epoch, from one numpy
+  generator. Its state is the generator's state at the start of the current epoch and the
+  batches already taken from it: ``set_state`` replays that epoch's draws (permutations and
+  negatives, no batch building), so a resumed run sees exactly the batches an uninterrupted
+  one would. ``put`` places a host batch on the devices."""
+
+  def __init__(self, data: InteractionData, setup: TrainingSetup, settings: HybridSettings,
+               put: Callable[[dict], dict] | None = None):
+    self.data, self.setup, self.settings = data, setup, settings
+    self.put = put or jax.device_put
+    self.rng = np.random.default_rng(settings.seed)
+    self.cache = {}  # a full-batch domain's batch does not change between epochs: kept on device
+    self._start_epoch(0)
+
+  def _start_epoch(self, epoch: int):
+    self.epoch, self.index = epoch, 0
+    self.epoch_rng = self.rng.bit_generator.state
+    self.schedule = _epoch_schedule(self.setup, self.rng)
+
+  def _negatives(self, d: int):
+    s, data = self.settings, self.data
+    if s.num_negatives <= 0 or data.domains[d]["task"] == "rating":
+      return None
+    lo, hi = data.offsets[d], data.offsets[d + 1]
+    return (lo + self.rng.choice(hi - lo, s.num_negatives, p=self.setup.q_item[lo:hi])).astype(np.int32)
+
+  def __next__(self):
+    if self.index == len(self.schedule):
+      self._start_epoch(self.epoch + 1)
+    d, chosen = self.schedule[self.index]
+    self.index += 1
+    setup = self.setup
+    if d in self.cache:
+      batch = self.cache[d]
     else:
-      batch = _train_batch(data, setup.examples[d], setup.position[d], chosen,
-                           setup.batch_size[d], setup.width[d], *setup.histories,
-                           setup.profile_rows, setup.context == "before_target")
+      host = _train_batch(self.data, setup.examples[d], setup.position[d], chosen,
+                          setup.batch_size[d], setup.width[d], *setup.histories,
+                          setup.profile_rows, setup.context == "before_target")
+      batch = self.put(host)
       if setup.steps_per_epoch[d] == 1:
-        cache[d] = batch = jax.device_put(batch)
-    if s.num_negatives > 0 and data.domains[d]["task"] != "rating":
-      lo, hi = data.offsets[d], data.offsets[d + 1]
-      batch = dict(batch, negatives=(lo + rng.choice(hi - lo, s.num_negatives,
-                                                     p=setup.q_item[lo:hi])).astype(np.int32))
-    yield d, batch
+        self.cache[d] = batch
+    negatives = self._negatives(d)
+    if negatives is not None:
+      batch = dict(batch, **self.put({"negatives": negatives}))
+    return d, batch, len(chosen)
+
+  def get_state(self) -> bytes:
+    return json.dumps({"epoch": self.epoch, "index": self.index, "rng": self.epoch_rng}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    saved = json.loads(state)
+    self.rng.bit_generator.state = saved["rng"]
+    self._start_epoch(saved["epoch"])
+    for d, _ in self.schedule[:saved["index"]]:
+      self._negatives(d)  # the draws those batches made
+    self.index = saved["index"]
 
 
-def fit_hybrid(data: InteractionData, settings: HybridSettings = HybridSettings(), *,
-               text: np.ndarray | None = None, profile: np.ndarray | None = None,
-               profile_rows: np.ndarray | None = None, verbose: bool = True) -> FittedHybrid:
-  """Trains on the train split. ``text``: [num_items, T] frozen-encoder item vectors;
-  ``profile``: [P, T] profile vectors with ``profile_rows[u]`` the row of user u."""
+@dataclasses.dataclass
+class HybridTrainer:
+  """What the loop needs to train the hybrid model: the initial state, its shardings, one
+  jitted step per domain (a domain's batches have their own shapes and loss) and the batches."""
+  data: InteractionData
+  settings: HybridSettings
+  setup: TrainingSetup
+  mesh: Any
+  graphdef: Any
+  state_shardings: TrainState
+  steps: dict[int, Callable]
+  schedule: Callable[[int], Any]
+  total_steps: int
+  steps_per_epoch: int
+  init_params: Any
+  tx: Any
+
+  def init_state(self) -> TrainState:
+    init = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                        opt_state=self.tx.init(p), rng=jax.random.key_data(
+                                            jax.random.key(self.settings.seed))),
+                   out_shardings=self.state_shardings)
+    return init(self.init_params)
+
+  def abstract_state(self):
+    abstract = jax.eval_shape(lambda: self.init_state())
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, self.state_shardings)
+
+  def step(self, state: TrainState, batch):
+    d, arrays, _ = batch
+    return self.steps[d](state, arrays)
+
+  def batches(self) -> HybridBatches:
+    return HybridBatches(self.data, self.setup, self.settings, self.put)
+
+  def put(self, host: dict) -> dict:
+    """A host batch (the same on every process) as global arrays: the leading axis split over
+    the batch axes of the mesh where it divides, else replicated."""
+    n = int(np.prod([self.mesh.shape[a] for a in sharding.BATCH]))
+    split, whole = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
+    out = {}
+    for k, v in host.items():
+      v = np.asarray(v)
+      sh = split if v.ndim and v.shape[0] % n == 0 else whole
+      out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx])
+    return out
+
+  def fitted(self, params, log=()) -> FittedHybrid:
+    model = nnx.merge(self.graphdef, params)
+    t = self.setup.tables
+    return FittedHybrid(model, self.data, self.settings, self.setup.context, t["text"],
+                        t["profile"], self.setup.profile_rows, list(log),
+                        {"items": t["tags"], "users": t["user_tags"]})
+
+
+def build_trainer(data: InteractionData, settings: HybridSettings = HybridSettings(), *,
+                  text=None, profile=None, profile_rows=None, mesh=None,
+                  rules=sharding.DEFAULT_RULES, total_steps: int = 0) -> HybridTrainer:
+  """``total_steps`` 0: ``settings.epochs`` epochs; ``mesh`` None: every device on the data axis."""
   s = settings
+  mesh = mesh if mesh is not None else sharding.create_mesh({"data": -1})
   setup = training_setup(data, s, text, profile, profile_rows)
-  total_steps = s.epochs * sum(setup.steps_per_epoch.values())
+  per_epoch = sum(setup.steps_per_epoch.values())
+  total = total_steps or s.epochs * per_epoch
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, s.learning_rate, max(1, int(s.warmup_fraction * total_steps)), max(total_steps, 2),
+      0.0, s.learning_rate, max(1, int(s.warmup_fraction * total)), max(total, 2),
       end_value=0.1 * s.learning_rate)
   tx = optax.adam(schedule)
-  graphdef, params = nnx.split(setup.model)
-  opt_state = tx.init(params)
-
+  graphdef, state = nnx.split(setup.model)
+  logical = sharding.logical_axes_tree(state)
+  params = nnx.to_pure_dict(state)
+  abstract = jax.eval_shape(lambda p: TrainState(
+      step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+      rng=jax.random.key_data(jax.random.key(0))), params)
+  shardings_ = state_shardings(abstract, logical, tx, tuple(rules), mesh)
+  params = jax.device_put(params, shardings_.params)
   steps = {}
   for d in setup.examples:
     lo, hi = int(data.offsets[d]), int(data.offsets[d + 1])
     task = data.domains[d]["task"]
     loss = _loss_fn(graphdef, setup.tables, s, task, lo, hi, setup.num_train)
     steps[d] = _make_step(loss, tx, s, setup.batch_size[d] if task == "rating" else (
-        s.num_negatives if s.num_negatives > 0 else hi - lo))
-
-  rng = np.random.default_rng(s.seed)
-  full_batches = {}
-  log, t0 = [], time.time()
-  for epoch in range(s.epochs):
-    sums = {}
-    for d, batch in epoch_batches(data, setup, s, rng, full_batches):
-      params, opt_state, metrics = steps[d](params, opt_state, batch)
-      for key, value in metrics.items():
-        sums.setdefault(f"{data.names[d]}/{key}", []).append(value)
-    entry = {"epoch": epoch + 1, "seconds": time.time() - t0} | {
-        k: float(np.mean(jax.device_get(v))) for k, v in sums.items()}
-    log.append(entry)
-    if verbose and (epoch + 1 == s.epochs or (epoch + 1) % max(1, s.epochs // 5) == 0):
-      print("    epoch " + " ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "epoch")
-            + f" ({entry['epoch']}/{s.epochs})", flush=True)
-  model = nnx.merge(graphdef, params)
-  t = setup.tables
-  return FittedHybrid(model, data, s, setup.context, t["text"], t["profile"], setup.profile_rows,
-                      log, {"items": t["tags"], "users": t["user_tags"]})
+        s.num_negatives if s.num_negatives > 0 else hi - lo), shardings_, mesh)
+  return HybridTrainer(data, s, setup, mesh, graphdef, shardings_, steps, schedule, total,
+                       per_epoch, params, tx)
 
 
-def _make_step(loss, tx, s: HybridSettings, num_item_vectors: int):
-  """The jitted update; ``num_item_vectors``: item vectors one batch's loss reads (the APR
-  perturbation's shape): the batch's targets (ratings) or the domain's catalog (softmax)."""
+def fit_hybrid(data: InteractionData, settings: HybridSettings = HybridSettings(), *,
+               text: np.ndarray | None = None, profile: np.ndarray | None = None,
+               profile_rows: np.ndarray | None = None, verbose: bool = True,
+               mesh=None) -> FittedHybrid:
+  """Trains on the train split, for ``settings.epochs`` epochs, through the one loop (no
+  checkpoints: ``served.train_and_evaluate`` is the run with them). ``text``: [num_items, T]
+  frozen-encoder item vectors; ``profile``: [P, T] profile vectors with ``profile_rows[u]`` the
+  row of user u."""
+  trainer = build_trainer(data, settings, text=text, profile=profile,
+                          profile_rows=profile_rows, mesh=mesh)
+  log = []
+  every = max(1, settings.epochs // 5)
+
+  def on_log(step, scalars):
+    epoch = step // trainer.steps_per_epoch
+    log.append({"epoch": epoch} | {k.removeprefix("train/"): v for k, v in scalars.items()})
+    if verbose and (step == trainer.total_steps or epoch % every == 0):
+      print("    epoch " + " ".join(f"{k} {v:.4g}" for k, v in log[-1].items() if k != "epoch")
+            + f" ({epoch}/{settings.epochs})", flush=True)
+
+  result = loop.run_loop(
+      loop.LoopSettings(total_steps=trainer.total_steps, log_every=trainer.steps_per_epoch),
+      trainer.init_state(), trainer.step, trainer.batches(), start=0, on_log=on_log,
+      examples=lambda batch: batch[2], show_progress=False)
+  return trainer.fitted(result.state.params, log)
+
+
+def _make_step(loss, tx, s: HybridSettings, num_item_vectors: int, shardings_: TrainState, mesh):
+  """The jitted update, a pure function of (state, batch) with the state donated;
+  ``num_item_vectors``: item vectors one batch's loss reads (the APR perturbation's shape): the
+  batch's targets (ratings) or the domain's catalog (softmax)."""
 
   def total(params, batch):
     data_loss, (plain, reg) = loss(params, batch)
     return data_loss + reg, (plain, reg)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, opt_state, batch):
+  def step(state: TrainState, batch):
+    params = state.params
     (_, (plain, reg)), grads = jax.value_and_grad(total, has_aux=True)(params, batch)
     metrics = {"loss": plain, "reg": reg}
     if s.adversarial == "apr":
       # APR: the worst-case perturbation of the user and item vectors within an L2 ball.
-      dim = params["item_factors"].value.shape[-1]
+      dim = params["item_factors"].shape[-1]
       zeros_u = jnp.zeros((batch["user"].shape[0], dim))
       zeros_i = jnp.zeros((num_item_vectors, dim))
       gu, gi = jax.grad(lambda du, di: loss(params, batch, du, di)[0], argnums=(0, 1))(zeros_u, zeros_i)
@@ -357,10 +486,24 @@ def _make_step(loss, tx, s: HybridSettings, num_item_vectors: int):
       adv, adv_grads = jax.value_and_grad(lambda p: loss(p, batch, du, di)[0])(params)
       grads = jax.tree.map(lambda g, a: g + s.adversarial_weight * a, grads, adv_grads)
       metrics["adversarial"] = adv
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    return dataclasses.replace(state, step=state.step + 1, params=optax.apply_updates(params, updates),
+                               opt_state=opt_state), metrics
 
-  return step
+  return jax.jit(step, in_shardings=(shardings_, None),
+                 out_shardings=(shardings_, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def epoch_batches(data: InteractionData, setup: TrainingSetup, settings: HybridSettings, rng,
+                  cache: dict | None = None):
+  """(domain, host-placed batch) for one epoch of ``rng``'s draws (the tune mode's epochs)."""
+  del cache
+  batches = HybridBatches(data, setup, settings)
+  batches.rng = rng
+  batches._start_epoch(0)  # pylint: disable=protected-access
+  for _ in range(len(batches.schedule)):
+    d, batch, _ = next(batches)
+    yield d, batch
 
 
 def _train_batch(data, rows, positions, chosen, batch_size, width, hist, example_hist,

@@ -42,7 +42,8 @@ from crossrec_jax import cli, errors
 from crossrec_jax import baselines as bl
 from crossrec_jax import config_defaults, evaluation, fusion, metrics, text_cache, train
 from crossrec_jax.data import from_config
-from crossrec_jax.training.hybrid import HybridSettings, fit_hybrid
+from crossrec_jax.training.hybrid import fit_hybrid
+from crossrec_jax.training.inputs import HybridSettings
 from crossrec_jax.interactions import InteractionData, Queries
 
 COLD_ITEM_MAX_TRAIN = 2  # a target whose item has at most this many train interactions is "cold"

@@ -12,6 +12,7 @@ from crossrec_jax import config_defaults
 
 def get_config():
   config = config_defaults.base_config()
+  config.encoder_mode = "end_to_end"  # what every setting below is for (fgm needs an encoder)
   config.model.checkpoint = "bert-base-uncased"   # a local directory on hosts without network
   config.model.dtype = "bfloat16"
   config.model.dim = 256

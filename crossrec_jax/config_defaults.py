@@ -44,8 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
       ("cross_domain", bool))})
   # CF + deep fusion (implicit domains; weights tuned on valid).
   c.fusion = ml_collections.ConfigDict(dict(
-      components=("item_knn", "ease", "text_knn"), knn_k=100, knn_shrink=20.0, ease_lambda=30.0,
-      text_knn_k=50))
+      # item-kNN's k x shrinkage grid, tuned per domain on valid (one value each: no tuning).
+      components=("item_knn", "ease", "text_knn"), knn_k=(20, 50, 100, 200),
+      knn_shrink=(0.0, 10.0, 20.0, 50.0), ease_lambda=30.0, text_knn_k=50))
+  c.text_cache = ""                 # frozen text vectors' cache folder; "": WORKDIR/text_cache
 
   # Evaluation (crossrec_jax/evaluation.py): HR / NDCG / Recall / MRR at each of ``ks``, with
   # cold-user and cold-item (at most cold_item_max_train train interactions) slices. Next to the

@@ -4,7 +4,7 @@ latest checkpoint (per-domain metrics next to the baselines; see crossrec_jax/ev
 
 from __future__ import annotations
 
-from crossrec_jax.evaluation import Baselines, Evaluator, format_table  # noqa: F401 (public here too)
+from crossrec_jax.evaluation import Evaluator, format_table
 
 
 def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
@@ -15,6 +15,7 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
   """
   import ml_collections  # pylint: disable=import-outside-toplevel
   from crossrec_jax import checkpoint as ckpt_lib, config_check, experiment, rundir  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.serving import scorer as serving  # pylint: disable=import-outside-toplevel
   from crossrec_jax.errors import ConfigError, UsageError  # pylint: disable=import-outside-toplevel
   if limit is not None and limit < 0:
     raise UsageError(f"--limit {limit} must be >= 0 (0: the whole split)")
@@ -32,7 +33,7 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
     # The training secret, checked against the checkpoint's digest: another one would silently
     # prepare a differently keyed copy of the data.
     secret = rundir.scoring_secret(meta, secret_file)
-    if (meta.get("model") or {}).get("encoder_mode") == "frozen":
+    if serving.encoder_mode(workdir, meta) in ("frozen", "tune"):
       return _evaluate_hybrid(workdir, config, secret, split)
     run, _ = experiment.build_run(config, workdir, secret=secret)
     if split not in run.sources:

@@ -1,10 +1,14 @@
-"""Rating and ranking metrics (numpy, host side): RMSE, MAE, AUC, HR@K, NDCG@K."""
+"""Rating and ranking metrics (numpy, host side): RMSE, MAE; and from each target's rank (see
+``crossrec_jax.ranking``, ties counted half): HR@K, NDCG@K, Recall@K, MRR@K and AUC."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
 RATING_METRICS = ("rmse", "mae")  # errors: lower is better (a best_metric of these is minimised)
+RANKING_METRICS = ("hr", "ndcg", "recall", "mrr")  # each at every K, e.g. "ndcg@10"; and "auc"
 
 
 def rmse(pred, label) -> float:
@@ -15,35 +19,43 @@ def mae(pred, label) -> float:
   return float(np.mean(np.abs(np.asarray(pred) - np.asarray(label))))
 
 
-def rank_of_target(scores: np.ndarray, target: np.ndarray, exclude: np.ndarray | None = None):
-  """0-based rank of each row's target column among the non-excluded columns.
-
-  Ties count half (so a constant scorer gets the expected rank, not the best one). Returns
-  (rank, number of candidates). The target is never excluded.
-  """
-  scores = np.asarray(scores, np.float64)
-  rows = np.arange(scores.shape[0])
-  target_score = scores[rows, target]
-  valid = np.ones_like(scores, bool) if exclude is None else ~exclude
-  valid[rows, target] = True
-  higher = np.sum((scores > target_score[:, None]) & valid, axis=1)
-  ties = np.sum((scores == target_score[:, None]) & valid, axis=1) - 1
-  return higher + 0.5 * ties, valid.sum(axis=1)
-
-
 def per_target_hits(rank: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
   """(hit, NDCG) of each target at cutoff ``k``: the terms HR@k and NDCG@k average, and what a
-  paired comparison of two rankers differences target by target."""
+  paired comparison of two rankers differences target by target. A tied (half) rank is placed
+  at its floor, the best place it shares."""
   rank = np.asarray(rank, np.float64)
   hit = rank < k
   return hit.astype(np.float64), np.where(hit, 1.0 / np.log2(np.floor(rank) + 2.0), 0.0)
 
 
-def ranking_metrics(rank: np.ndarray, candidates: np.ndarray, k: int = 10) -> dict[str, float]:
+def ranking_metrics(rank: np.ndarray, candidates: np.ndarray, k: int | Sequence[int] = 10,
+                    users: np.ndarray | None = None) -> dict[str, float]:
+  """HR, NDCG, Recall and MRR at each cut-off of ``k`` (one or several), and AUC.
+
+  ``rank``: each target's 0-based rank among its ``candidates`` (one target per query). HR@K,
+  NDCG@K and MRR@K average over targets. Recall@K is RecBole's, over the held-out items of each
+  user: per user, the share of that user's targets ranked in the top K, averaged over users
+  (``users``: each target's user). With one target per user, or ``users=None`` (every target
+  its own user), Recall@K equals HR@K.
+  """
   rank, candidates = np.asarray(rank, np.float64), np.asarray(candidates, np.float64)
-  hit, ndcg = per_target_hits(rank, k)
-  auc = 1.0 - rank / np.maximum(candidates - 1.0, 1.0)
-  return {f"hr@{k}": float(hit.mean()), f"ndcg@{k}": float(ndcg.mean()), "auc": float(auc.mean())}
+  out = {}
+  for cut in ([k] if np.isscalar(k) else k):
+    hit, ndcg = per_target_hits(rank, cut)
+    out[f"hr@{cut}"] = float(hit.mean())
+    out[f"ndcg@{cut}"] = float(ndcg.mean())
+    out[f"recall@{cut}"] = _per_user_mean(hit, users)
+    out[f"mrr@{cut}"] = float(np.where(hit > 0, 1.0 / (np.floor(rank) + 1.0), 0.0).mean())
+  out["auc"] = float(np.mean(1.0 - rank / np.maximum(candidates - 1.0, 1.0)))
+  return out
+
+
+def _per_user_mean(values: np.ndarray, users: np.ndarray | None) -> float:
+  if users is None:
+    return float(values.mean())
+  _, group = np.unique(np.asarray(users), return_inverse=True)
+  per_user = np.bincount(group, values) / np.bincount(group)
+  return float(per_user.mean())
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

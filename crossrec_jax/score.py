@@ -1,5 +1,6 @@
-"""Batch inference from a training checkpoint: encode every distinct user and item once, then
-score pairs or take the top-K of each domain's whole catalog, streaming results to disk.
+"""Batch inference from a training checkpoint of any encoder mode: score pairs or take the top-K
+of each domain's whole catalog, streaming results to disk (``serving.scorer.Scorer`` does the
+work; this is its command line).
 
 python -m crossrec_jax.score --checkpoint runs/demo --users histories.csv --items items.csv \
     --output scores.parquet [--pairs pairs.csv] [--top_k 10] [--domains music,books]
@@ -7,25 +8,15 @@ python -m crossrec_jax.score --checkpoint runs/demo --users histories.csv --item
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import pathlib
 import sys
 from typing import Any
 
-import ml_collections
-import numpy as np
-
-from crossrec_jax import checkpoint as ckpt_lib
-from crossrec_jax import rundir
-from crossrec_jax.errors import ScoringError  # noqa: F401 (public here: the scoring CLI's error)
-from crossrec_jax.data import link_secret, processing, records as records_lib
-# Moved to crossrec_jax/rundir.py and crossrec_jax/serving/scorer.py; importable from here as before.
-from crossrec_jax.rundir import (KNOWN_IDS_FILE, id_hash, scoring_secret,  # noqa: F401
-                                 write_known_ids)
-from crossrec_jax.rundir import checkpoint_paths as _checkpoint_paths  # noqa: F401
-from crossrec_jax.serving.scorer import LENGTH_BUCKETS, Scorer  # noqa: F401
+from crossrec_jax.data import records as records_lib
+from crossrec_jax.errors import ScoringError
+from crossrec_jax.serving.scorer import Scorer
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -59,39 +50,6 @@ class _AtomicTableWriter:
     if self.writer is not None:
       self.writer.close()
     self.partial.unlink(missing_ok=True)
-
-
-def _read_inputs(users_path, items_path, scorer: Scorer, mapping_file: str | None = None):
-  """Items, histories grouped by person (as training linked them), tasks, processing config and
-  ``person_of(domain, user_id)``."""
-  from crossrec_jax.data.from_config import processing_config  # pylint: disable=import-outside-toplevel
-  tasks = {d.name: d.task for d in scorer.model_config.domains}
-  items = records_lib.read_items(pathlib.Path(items_path))
-  unknown = sorted({d for d, _ in items} - set(tasks))
-  if unknown:
-    raise ScoringError(f"{items_path}: domain(s) {unknown} are not domains of this model "
-                       f"({sorted(tasks)})")
-  history = records_lib.read_interactions(pathlib.Path(users_path))
-  history = records_lib.check_against_items(history, items, items_path)
-  config = _with_mapping(scorer.config, mapping_file)
-  secret = scorer.link_secret or link_secret.LinkSecret(
-      config.data.get("link_secret") or link_secret.DEMO_SECRET, "config")
-  # The same conversion and linkage training used: same profile caps, secret and mapping.
-  pconfig = processing_config(config, secret)
-  by_person, _, person_of = processing.linked_histories(history, pconfig)
-  return items, by_person, tasks, pconfig, person_of
-
-
-def _with_mapping(config, mapping_file):
-  """The training config with ``--mapping_file`` (if given) in place of its data.mapping_file,
-  checked to exist: without the mapping, users would be linked otherwise than in training."""
-  if mapping_file is not None:
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.data.mapping_file = mapping_file
-  if config.data.get("mapping_file") and not pathlib.Path(config.data.mapping_file).is_file():
-    raise ScoringError(f"the model was trained with data.mapping_file={config.data.mapping_file}, "
-                       "which does not exist here; pass --mapping_file with that mapping")
-  return config
 
 
 def _progress(total, desc):
@@ -139,185 +97,49 @@ def run_scoring(checkpoint, users, items, output, *, pairs=None, top_k=0, domain
   if batch_size <= 0 or chunk_users <= 0:
     raise ScoringError(f"--batch_size {batch_size} must be positive")
   output, fmt = check_output(output, output_format, overwrite)
-  if _is_hybrid(checkpoint, step):
-    return _run_frozen(checkpoint, users, items, output, fmt, pairs=pairs, top_k=top_k,
-                       domains=domains, mapping_file=mapping_file, secret_file=secret_file)
-  scorer = Scorer.from_checkpoint(checkpoint, batch_size=batch_size, secret_file=secret_file,
-                                  step=step)
-  print(f"Scoring with checkpoint step {scorer.step} of {scorer.checkpoint_dir}", file=sys.stderr,
-        flush=True)
-  item_table, by_user, tasks, pconfig, person_of = _read_inputs(users, items, scorer, mapping_file)
-  wanted = list(domains) if domains else [d.name for d in scorer.model_config.domains]
-  for name in wanted:
-    if name not in tasks:
-      raise ScoringError(f"--domains: unknown domain {name!r}; this model has {sorted(tasks)}")
-  index = {d.name: i for i, d in enumerate(scorer.model_config.domains)}
-  user_key = lambda person: processing.link_key(pconfig.link_secret, person)
-
-  item_keys = sorted(item_table)
-  item_vecs = scorer.encode("item", [item_table[k].text or f"{k[0]} item {k[1]}" for k in item_keys],
-                            [f"{d}/{i}" for d, i in item_keys])
-  item_row = {k: n for n, k in enumerate(item_keys)}
-  writer = _AtomicTableWriter(output, fmt)
-  try:
-    if pairs:
-      counts = _score_pairs_file(scorer, pairs, by_user, item_table, item_row, item_vecs, tasks,
-                                 index, pconfig, user_key, writer, chunk_users, wanted, person_of)
-    else:
-      counts = _score_top_k(scorer, by_user, item_table, item_keys, item_vecs, tasks, index,
-                            pconfig, user_key, writer, chunk_users, wanted, top_k)
-    writer.commit()
-  except BaseException:
-    writer.abort()  # never leave a partial file that looks complete
-    raise
-  return counts | {"output": str(output), "rows": writer.rows, "step": scorer.step}
-
-
-def _is_hybrid(checkpoint, step=None) -> bool:
-  _, ckpt_dir = rundir.checkpoint_paths(checkpoint)
-  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
-  try:
-    available = checkpointer.all_steps()
-    if not available or (step is not None and step not in available):
-      return False  # Scorer.from_checkpoint says what is wrong
-    meta = rundir.newest_meta(checkpointer, [step] if step is not None else available)
-  finally:
-    checkpointer.close()
-  return (meta.get("model") or {}).get("encoder_mode") in ("frozen", "tune")
-
-
-def _run_frozen(checkpoint, users, items, output, fmt, *, pairs, top_k, domains, mapping_file,
-                secret_file) -> dict[str, Any]:
-  """A frozen or tune run: its fused model (network + item-item CF), as its evaluation served it."""
-  from crossrec_jax.serving import hybrid as hybrid_serving
-  from crossrec_jax.training import tune
-  from crossrec_jax.data.from_config import processing_config  # pylint: disable=import-outside-toplevel
-  workdir, ckpt_dir = rundir.checkpoint_paths(checkpoint)
-  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
-  try:
-    meta = rundir.newest_meta(checkpointer, checkpointer.all_steps())
-  finally:
-    checkpointer.close()
-  config = _with_mapping(ml_collections.ConfigDict(meta["config"]), mapping_file)
-  secret = rundir.scoring_secret(meta, secret_file)
-  model, data, step = tune.load(workdir, config, secret)  # the tune mode's model if it ran
-  print(f"Scoring with the {'tune' if tune.has_tuned(workdir) else 'frozen'}-mode model of checkpoint step {step} of {ckpt_dir}", file=sys.stderr,
-        flush=True)
-  wanted = list(domains) if domains else data.names
-  for name in wanted:
-    if name not in data.names:
-      raise ScoringError(f"--domains: unknown domain {name!r}; this model has {data.names}")
+  scorer = Scorer.from_checkpoint(checkpoint, step=step, batch_size=batch_size,
+                                  secret_file=secret_file, mapping_file=mapping_file)
+  print(f"Scoring with checkpoint step {scorer.step} of {scorer.checkpoint_dir} "
+        f"({scorer.mode} encoder mode)", file=sys.stderr, flush=True)
   item_table = records_lib.read_items(pathlib.Path(items))
-  history = records_lib.check_against_items(records_lib.read_interactions(pathlib.Path(users)),
-                                            item_table, items)
-  by_person, user_key, person_of = processing.linked_histories(
-      history, processing_config(config, secret))
+  history = records_lib.read_interactions(pathlib.Path(users))
+  common = dict(domains=domains, chunk_users=chunk_users, source=str(items))
+  chosen, places = _read_pairs(pathlib.Path(pairs)) if pairs else (None, None)
+  progress = _progress(len(chosen) if pairs else None, "pairs" if pairs else "users")
   writer = _AtomicTableWriter(output, fmt)
-  progress = _progress(None if pairs else len(by_person), "pairs" if pairs else "users")
+  users_seen = set()
   try:
-    if pairs:
-      counts = hybrid_serving.score_pairs(model, data, by_person, user_key, item_table,
-                                        pathlib.Path(pairs), person_of, wanted, writer.write,
-                                        items_path=items, progress=progress)
-    else:
-      counts = hybrid_serving.score_top_k(model, data, by_person, user_key, item_table, wanted, top_k,
-                                        writer.write, items_path=items, progress=progress)
+    chunks = (scorer.score(history, item_table, chosen, places=places, progress=progress, **common)
+              if pairs else
+              scorer.recommend(history, item_table, top_k, progress=progress, **common))
+    for columns in chunks:
+      if columns:
+        writer.write(columns)
+        users_seen.update(columns["user_id"])
     writer.commit()
-  except hybrid_serving.CatalogError as e:
-    writer.abort()
-    raise ScoringError(str(e)) from e
   except BaseException:
     writer.abort()  # never leave a partial file that looks complete
     raise
   finally:
     progress.close()
-  return counts | {"output": str(output), "rows": writer.rows, "step": step}
+  counts = {"pairs": writer.rows} if pairs else {}
+  return counts | {"users": len(users_seen), "items": len(item_table), "output": str(output),
+                   "rows": writer.rows, "step": scorer.step, "encoder_mode": scorer.mode}
 
 
-def _profiles(user_ids, by_user, item_table, tasks, pconfig):
-  texts = []
-  for u in user_ids:
-    if not by_user.get(u):
-      raise ScoringError(f"user {u!r} has no history in the users file: a profile needs at least "
-                         "one interaction (cold users: include their other-domain history)")
-    texts.append(processing.user_profile(by_user[u], item_table, tasks, pconfig))
-  return texts
-
-
-def _score_pairs_file(scorer, pairs_path, by_user, item_table, item_row, item_vecs, tasks, index,
-                      pconfig, user_key, writer, chunk_users, wanted, person_of):
-  names, rows = records_lib.iter_rows(pathlib.Path(pairs_path))
+def _read_pairs(path: pathlib.Path) -> tuple[list[tuple[str, str, str]], list[str]]:
+  """(user_id, item_id, domain) of each row of a pairs file, and each row's place."""
+  names, rows = records_lib.iter_rows(path)
   missing = [c for c in ("user_id", "item_id", "domain") if c not in names]
   if missing:
-    raise ScoringError(f"{pairs_path}: missing column(s) {missing}; pairs need user_id,item_id,domain")
-  pairs = []
+    raise ScoringError(f"{path}: missing column(s) {missing}; pairs need user_id,item_id,domain")
+  pairs, places = [], []
   for place, row in rows:
-    u, i, d = (str(row.get(c) or "").strip() for c in ("user_id", "item_id", "domain"))
-    if d not in tasks:
-      raise ScoringError(f"{place}: field domain {d!r} is not a domain of this model ({sorted(tasks)})")
-    if (d, i) not in item_row:
-      raise ScoringError(f"{place}: field item_id {i!r} of domain {d!r} is not in the items file")
-    if d in wanted:
-      pairs.append((u, i, d))
+    pairs.append(tuple(str(row.get(c) or "").strip() for c in ("user_id", "item_id", "domain")))
+    places.append(place)
   if not pairs:
-    raise ScoringError(f"{pairs_path}: no pairs to score")
-  # A pair's user is the person its (domain, user_id) maps to, as in training.
-  person = {(u, d): person_of(d, u) for u, _, d in pairs}
-  users = list(dict.fromkeys(person.values()))
-  progress = _progress(len(pairs), "pairs")
-  for start in range(0, len(users), chunk_users):
-    chunk = users[start:start + chunk_users]
-    vecs = scorer.encode("user", _profiles(chunk, by_user, item_table, tasks, pconfig),
-                         [user_key(u) for u in chunk])
-    row_of = {u: n for n, u in enumerate(chunk)}
-    sel = [p for p in pairs if person[(p[0], p[2])] in row_of]
-    out = scorer.score_pairs(vecs[[row_of[person[(u, d)]] for u, _, d in sel]],
-                             item_vecs[[item_row[(d, i)] for _, i, d in sel]],
-                             np.array([index[d] for _, _, d in sel]))
-    is_rating = np.array([tasks[d] == "rating" for _, _, d in sel])
-    writer.write({"user_id": [u for u, _, _ in sel], "item_id": [i for _, i, _ in sel],
-                  "domain": [d for _, _, d in sel], "task": ["rating" if r else "implicit" for r in is_rating],
-                  "score": np.where(is_rating, out["rating"], out["probability"]).astype(np.float32),
-                  "retrieval_score": out["retrieval"].astype(np.float32)})
-    progress.update(len(sel))
-  progress.close()
-  return {"pairs": len(pairs), "users": len(users), "items": len(item_vecs)}
-
-
-def _score_top_k(scorer, by_user, item_table, item_keys, item_vecs, tasks, index, pconfig,
-                 user_key, writer, chunk_users, wanted, k):
-  users = sorted(by_user)
-  if not users:
-    raise ScoringError("the users file has no user")
-  # Each domain's catalog rows, once (not per user chunk).
-  catalogs = {}
-  for name in wanted:
-    rows = np.array([n for n, key in enumerate(item_keys) if key[0] == name])
-    if len(rows):
-      catalogs[name] = (rows, {item_keys[r][1]: j for j, r in enumerate(rows)})
-  progress = _progress(len(users), "users")
-  for start in range(0, len(users), chunk_users):
-    chunk = users[start:start + chunk_users]
-    vecs = scorer.encode("user", _profiles(chunk, by_user, item_table, tasks, pconfig),
-                         [user_key(u) for u in chunk])
-    columns = collections.defaultdict(list)
-    for name, (rows, local) in catalogs.items():
-      exclude = [[local[x.item_id] for x in by_user[u] if x.domain == name and x.item_id in local]
-                 for u in chunk]
-      top, scores = scorer.top_k(vecs, item_vecs[rows], index[name], k, exclude)
-      for n, u in enumerate(chunk):
-        for rank, (j, s) in enumerate(zip(top[n], scores[n])):
-          if j < 0 or not np.isfinite(s):
-            continue
-          columns["user_id"].append(u)
-          columns["domain"].append(name)
-          columns["rank"].append(rank + 1)
-          columns["item_id"].append(item_keys[rows[j]][1])
-          columns["score"].append(float(s))
-    writer.write({k_: v for k_, v in columns.items()})
-    progress.update(len(chunk))
-  progress.close()
-  return {"users": len(users), "items": len(item_vecs)}
+    raise ScoringError(f"{path}: no pairs to score")
+  return pairs, places
 
 
 def _define_flags(fv, argv):

@@ -28,7 +28,8 @@ from crossrec_jax import baselines as bl
 from crossrec_jax import checkpoint as ckpt_lib
 from crossrec_jax import fusion, metric_writers, sharding, text_cache
 from crossrec_jax.training import loop
-from crossrec_jax.training.hybrid import FittedHybrid, HybridSettings, build_trainer
+from crossrec_jax.training.hybrid import FittedHybrid, build_trainer
+from crossrec_jax.training.inputs import HybridSettings
 from crossrec_jax.data.from_config import (prepare_data, public_config_dict,
                                           resolve_link_secret, resolve_model_checkpoint,
                                           secret_description)
@@ -50,28 +51,58 @@ class ServedModel:
     w = self.weights.get(domain)
     if not w:
       return neural
-    parts = {NEURAL: neural} | {n: m.score_catalog(queries, domain) for n, m in self.cf.items()
-                                if w.get(n)}
+    parts = {n: m.score_catalog(queries, domain) for n, m in self.cf.items() if w.get(n)}
+    parts[NEURAL] = neural
     return np.asarray(fusion.fuse(parts, w))
 
   def score_pairs(self, queries) -> np.ndarray:
     return self.hybrid.score_pairs(queries)
 
 
-def fit_cf(data: InteractionData, config, text=None) -> dict[str, bl.Recommender]:
-  """The fusion's non-network components; ``text``: the frozen encoder's item vectors, for the
-  content-based text-kNN (the component that ranks items CF has not seen)."""
+class PerDomain:
+  """One fitted model per domain behind the one ``score_catalog(queries, domain)`` interface
+  (item-kNN with each domain's k and shrinkage)."""
+
+  def __init__(self, models: dict[int, bl.Recommender], name: str):
+    self.models, self.name = models, name
+
+  def score_catalog(self, queries, domain: int) -> np.ndarray:
+    return self.models[domain].score_catalog(queries, domain)
+
+
+def fit_cf(data: InteractionData, config, text=None, knn_params: dict | None = None
+           ) -> tuple[dict[str, Any], dict[int, dict]]:
+  """The fusion's non-network components and item-kNN's (k, shrink) per implicit domain:
+  ``knn_params`` when given (a restored run's), else tuned on the valid split over
+  ``fusion.knn_k`` x ``fusion.knn_shrink`` (NDCG@10). ``text``: the frozen encoder's item
+  vectors, for the content-based text-kNN (the component that ranks items CF has not seen).
+  The order (item-kNN, EASE, text-kNN) is the fusion grid's order."""
   implicit = [d for d in range(len(data.domains)) if data.task(d) == "implicit"]
   if not implicit:
-    return {}
-  cf = {}
-  if "text_knn" in config.fusion.components and text is not None:
-    cf["text_knn"] = bl.TextKNN(text, k=config.fusion.text_knn_k).fit(data)
-  if "item_knn" in config.fusion.components:
-    cf["item_knn"] = bl.ItemKNN(k=config.fusion.knn_k, shrink=config.fusion.knn_shrink).fit(data)
-  if "ease" in config.fusion.components:
-    cf["ease"] = bl.EASE(lam=config.fusion.ease_lambda, domains=implicit).fit(data)
-  return cf
+    return {}, {}
+  f, cf, params = config.fusion, {}, dict(knn_params or {})
+  if "item_knn" in f.components:
+    cooc = bl.ItemCooccurrence.from_data(data)
+    grid = [{"k": int(k), "shrink": float(s)} for k in _seq(f.knn_k) for s in _seq(f.knn_shrink)]
+    for d in implicit:
+      if d in params:
+        continue
+      if len(grid) > 1 and data.mask(("valid",), d).any():
+        params[d], _ = bl.tune(lambda **p: bl.ItemKNN(**p, cooccurrence=cooc), grid, data,
+                               data.queries("valid", d), bl.ranking_metric(data, d, "ndcg@10"))
+      else:
+        params[d] = grid[0]
+    cf["item_knn"] = PerDomain({d: bl.ItemKNN(**params[d], cooccurrence=cooc).fit(data)
+                                for d in implicit}, "item-kNN")
+  if "ease" in f.components:
+    cf["ease"] = bl.EASE(lam=f.ease_lambda, domains=implicit).fit(data)
+  if "text_knn" in f.components and text is not None:
+    cf["text_knn"] = bl.TextKNN(text, k=f.text_knn_k).fit(data)
+  return cf, params
+
+
+def _seq(value) -> tuple:
+  return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def tune_fusion(model: FittedHybrid, cf, data: InteractionData) -> dict[int, dict[str, float]]:
@@ -81,8 +112,8 @@ def tune_fusion(model: FittedHybrid, cf, data: InteractionData) -> dict[int, dic
       continue
     valid = data.queries("valid", d)
     cols = slice(data.offsets[d], data.offsets[d + 1])
-    parts = {NEURAL: model.score_catalog(valid, d)} | {
-        n: m.score_catalog(valid, d) for n, m in cf.items()}
+    parts = {n: m.score_catalog(valid, d) for n, m in cf.items()} | {
+        NEURAL: model.score_catalog(valid, d)}
     weights[d], _ = fusion.tune_weights(parts, valid.item - data.offsets[d], valid.context[:, cols])
   return weights
 
@@ -122,7 +153,8 @@ def _inputs(config, workdir: epath.Path, secret=None):
   # "generated:tiny" writes its checkpoint under the workdir, so it needs a local workdir; a
   # bucket workdir uses a local or hub checkpoint. The text cache itself may be in the bucket.
   text = text_cache.cached_vectors(str(resolve_model_checkpoint(config, workdir)), data.item_texts,
-                                   config.data.item_max_length, cache_dir=workdir / "text_cache")
+                                   config.data.item_max_length,
+                                   cache_dir=config.text_cache or workdir / "text_cache")
   settings = HybridSettings.from_config(config, data)
   model_meta = {"encoder_mode": "frozen", "settings": dataclasses.asdict(settings),
                 "domains": data.domains, "num_users": data.num_users, "num_items": data.num_items,
@@ -140,7 +172,7 @@ def trainer_for(config, data, text, settings, mesh=None):
 
 
 def _restore(checkpointer, data, text, settings, meta, config=None):
-  """(step, hybrid, fusion weights) of the newest finished checkpoint (one with fusion
+  """(step, hybrid, fusion weights, item-kNN params) of the newest finished checkpoint (one with fusion
   weights), or None when there is none."""
   if not checkpointer.all_steps():
     return None
@@ -151,7 +183,8 @@ def _restore(checkpointer, data, text, settings, meta, config=None):
   if restored is None or "fusion_weights" not in restored[3]:
     return None
   step, params, _, saved = restored
-  return step, trainer.fitted(params), {int(d): w for d, w in saved["fusion_weights"].items()}
+  return (step, trainer.fitted(params), {int(d): w for d, w in saved["fusion_weights"].items()},
+          {int(d): p for d, p in saved.get("knn_params", {}).items()})
 
 
 def load(workdir, config, secret=None) -> tuple[ServedModel, InteractionData, int]:
@@ -168,8 +201,8 @@ def load(workdir, config, secret=None) -> tuple[ServedModel, InteractionData, in
   if restored is None:
     raise ckpt_lib.CheckpointIncompatibleError(
         f"{workdir}: no finished frozen-mode checkpoint to restore (train it to the end first)")
-  step, hybrid, weights = restored
-  return ServedModel(hybrid, fit_cf(data, config, text), weights), data, step
+  step, hybrid, weights, knn = restored
+  return ServedModel(hybrid, fit_cf(data, config, text, knn)[0], weights), data, step
 
 
 def train_and_evaluate(config, workdir, progress_marker=None) -> dict[str, Any]:
@@ -187,9 +220,10 @@ def train_and_evaluate(config, workdir, progress_marker=None) -> dict[str, Any]:
       if data_state:
         batches.set_state(data_state)
       weights = saved.get("fusion_weights")
+      knn = {int(d): p for d, p in saved.get("knn_params", {}).items()}
       print(f"Restored the frozen-mode model from {checkpointer.directory}/{step}")
     else:
-      step, state = 0, trainer.init_state()
+      step, state, knn = 0, trainer.init_state(), None
     if weights is None:  # not finished: train (on from the restored step)
       eval_split = config.data.eval_split if data.mask((config.data.eval_split,)).any() else "test"
       writer = metric_writers.create_default_writer(workdir)
@@ -219,13 +253,14 @@ def train_and_evaluate(config, workdir, progress_marker=None) -> dict[str, Any]:
         return {"step": result.step, "metrics": {}, "preempted": result.preempted}
       step, state = result.step, result.state
     hybrid = trainer.fitted(state.params)
-    cf = fit_cf(data, config, text)
+    cf, knn = fit_cf(data, config, text, knn if weights is not None else None)
     if weights is None:
       weights = tune_fusion(hybrid, cf, data)
       if step in checkpointer.all_steps():  # an early stop saved this step without weights
         checkpointer.manager.delete(step)
       checkpointer.save(step, state, batches.get_state(),
-                        meta | {"fusion_weights": {str(d): w for d, w in weights.items()}})
+                        meta | {"fusion_weights": {str(d): w for d, w in weights.items()},
+                                "knn_params": {str(d): p for d, p in knn.items()}})
     weights = {int(d): w for d, w in weights.items()}
   finally:
     checkpointer.close()

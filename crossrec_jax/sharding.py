@@ -31,6 +31,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("fused", "tensor"),
     ("ids", "fsdp"),
+    # The hybrid model's user- and item-indexed tables: rows split over every data-parallel
+    # device (the catalog's item matrix and the ID tables are the model's big arrays).
+    ("users", ("data", "fsdp")),
+    ("items", ("data", "fsdp")),
     ("positions", None),
     ("types", None),
     ("domain", None),

@@ -1,11 +1,14 @@
-"""Frozen-encoder text vectors, computed once and cached on disk (the frozen encoder mode).
+"""Text -> vector in bulk, and the frozen encoder mode's vectors cached on disk.
+
+``encode_in_batches`` is the package's one batch-and-encode loop (used here, by the Scorer and
+by the evaluator's catalog): token lists go shortest first into fixed-size batches, each padded
+to a width of its own, so short titles do not pay for the longest text.
 
 ``TextEncoder(checkpoint).encode(texts, max_length)`` runs the pretrained BERT forward only, in
 jitted batches sharded over the devices' ``data`` axis, and mean-pools the last hidden state
-(the pooling sentence encoders such as all-MiniLM-L6-v2 are trained with). Texts are sorted by
-token length and padded per batch to a multiple of 8 tokens, so short titles do not pay for the
-longest one. ``cached_vectors`` keys the result by the checkpoint's weights, the max length and
-the texts themselves, so a second run (or another model on the same data) reuses it.
+(``models.bert.masked_mean``), each batch padded to a multiple of 8 tokens.
+``cached_vectors`` keys the result by the checkpoint's weights, the max length and the texts
+themselves, so a second run (or another model on the same data) reuses it.
 """
 
 from __future__ import annotations
@@ -14,16 +17,16 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from crossrec_jax.models import hf
+from crossrec_jax.models.bert import masked_mean
 
 DEFAULT_CACHE_DIR = os.environ.get(
     "CROSSREC_CACHE_DIR", str(pathlib.Path("~/.cache/crossrec_jax/text_vectors").expanduser()))
@@ -34,12 +37,52 @@ def _pad_to(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
-def mean_pooled(encoder, ids, mask):
-  """The text vector sentence encoders such as all-MiniLM-L6-v2 are trained with: the mean of
-  the last hidden state over the real tokens."""
-  hidden, _ = encoder(ids, mask)
-  m = mask.astype(hidden.dtype)[..., None]
-  return jnp.sum(hidden * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
+def encode_in_batches(forward: Callable[..., object], token_ids: Sequence[Sequence[int]], dim: int,
+                      batch_size: int, *, width: Callable[[int], int],
+                      one_width_per_batch: bool = False,
+                      extra: Mapping[str, np.ndarray] | None = None,
+                      progress: str | None = None) -> np.ndarray:
+  """[len(token_ids), dim] float32: ``forward(ids, mask, **extra_rows)`` -> [batch_size, dim]
+  over every token list, returned in the order of ``token_ids``.
+
+  Rows go shortest first; a batch is ``batch_size`` rows (the last filled with copies of its
+  first row, whose results are dropped) of ``width(its longest row)`` tokens (``width``:
+  non-decreasing in the token count, at least that count), so the jitted
+  ``forward`` compiles once per width, never per batch. ``one_width_per_batch``: a batch also
+  ends where ``width`` of the next row differs (fixed length buckets: each row is encoded at
+  the width of its own bucket). ``extra``: per-row arrays cut into batches alongside (hashed ID
+  buckets). ``progress``: a tqdm bar's title.
+  """
+  out = np.zeros((len(token_ids), dim), np.float32)
+  lengths = np.array([len(t) for t in token_ids], np.int64)
+  order = np.argsort(lengths, kind="stable")
+  widths = np.array([width(int(n)) for n in lengths[order]])
+  bar = None
+  if progress and len(order):
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm(total=len(order), desc=progress, unit="text")
+  start = 0
+  while start < len(order):
+    stop = min(start + batch_size, len(order))
+    if one_width_per_batch:
+      stop = start + int(np.argmax(np.append(widths[start:stop] != widths[start], True)))
+    rows = order[start:stop]
+    w = int(widths[stop - 1])  # sorted by length: the batch's longest row is its last
+    ids = np.zeros((batch_size, w), np.int32)
+    mask = np.zeros((batch_size, w), np.int32)
+    for k, r in enumerate(rows):
+      ids[k, :lengths[r]] = token_ids[r]
+      mask[k, :lengths[r]] = 1
+    ids[len(rows):], mask[len(rows):] = ids[0], mask[0]
+    fill = np.full(batch_size - len(rows), rows[0])
+    batch_extra = {k: np.asarray(v)[np.concatenate([rows, fill])] for k, v in (extra or {}).items()}
+    out[rows] = np.asarray(forward(ids, mask, **batch_extra))[:len(rows)]
+    if bar is not None:
+      bar.update(len(rows))
+    start = stop
+  if bar is not None:
+    bar.close()
+  return out
 
 
 class TextEncoder:
@@ -61,7 +104,8 @@ class TextEncoder:
 
     @jax.jit
     def forward(params, ids, mask):
-      return mean_pooled(nnx.merge(graphdef, params), ids, mask)
+      hidden, _ = nnx.merge(graphdef, params)(ids, mask)
+      return masked_mean(hidden, mask)
 
     self._forward = lambda ids, mask: forward(
         self._params, jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding))
@@ -76,31 +120,13 @@ class TextEncoder:
   def encode(self, texts: Sequence[str], max_length: int, progress: bool = False) -> np.ndarray:
     """[len(texts), hidden] float32, in the order of ``texts``."""
     texts = [t if t else "[empty]" for t in texts]
-    out = np.zeros((len(texts), self.dim), np.float32)
     if not texts:
-      return out
+      return np.zeros((0, self.dim), np.float32)
     ids = self.tokenizer(texts, truncation=True, max_length=max_length, padding=False,
                          return_token_type_ids=False, return_attention_mask=False)["input_ids"]
-    lengths = np.array([len(x) for x in ids])
-    order = np.argsort(lengths, kind="stable")
-    bar = None
-    if progress:
-      from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-      bar = tqdm(total=len(texts), desc=f"encode (max {max_length} tokens)", unit="text")
-    for start in range(0, len(texts), self.batch_size):
-      rows = order[start:start + self.batch_size]
-      width = _pad_to(int(lengths[rows].max()), 8)
-      batch_ids = np.zeros((self.batch_size, width), np.int32)
-      batch_mask = np.zeros((self.batch_size, width), np.int32)
-      for k, r in enumerate(rows):
-        batch_ids[k, :lengths[r]] = ids[r]
-        batch_mask[k, :lengths[r]] = 1
-      out[rows] = np.asarray(self._forward(batch_ids, batch_mask))[:len(rows)]
-      if bar is not None:
-        bar.update(len(rows))
-    if bar is not None:
-      bar.close()
-    return out
+    return encode_in_batches(self._forward, ids, self.dim, self.batch_size,
+                             width=lambda n: _pad_to(n, 8),
+                             progress=f"encode (max {max_length} tokens)" if progress else None)
 
 
 def cache_key(encoder_fingerprint: str, texts: Sequence[str], max_length: int) -> str:

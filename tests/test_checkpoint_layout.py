@@ -128,7 +128,7 @@ def test_scoring_a_bert_base_checkpoint_restores_no_optimizer_state(trained, tmp
     requested.append(set(kwargs["args"].keys()))
     return real_restore(self, step, *args, **kwargs)
   monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
-  scorer = score.Scorer.from_checkpoint(bert_dir, devices=jax.devices()[:1])
+  scorer = score.Scorer.from_checkpoint(bert_dir, devices=jax.devices()[:1]).model
 
   assert {"params"} in requested and all(items <= {"params", "meta"} for items in requested)
   assert jax.tree.structure(scorer.params) == jax.tree.structure(abstract_params)

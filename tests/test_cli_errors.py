@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from crossrec_jax import cli, errors, evaluate, score, train
+from crossrec_jax import cli, errors, evaluate, rundir, score, train
 from crossrec_jax.data import SyntheticConfig, from_config, synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -220,7 +220,7 @@ def test_gs_workdir_reaches_orbax_unchanged(monkeypatch):
   workdir = config_check.check_workdir("gs://bucket/run")   # what train / evaluate do first
   assert str(workdir) == "gs://bucket/run"
   ckpt_lib.Checkpointer(workdir / "checkpoints")              # what train builds
-  run_dir, ckpt_dir = score._checkpoint_paths("gs://bucket/run")  # what score resolves
+  run_dir, ckpt_dir = rundir.checkpoint_paths("gs://bucket/run")  # what score resolves
   ckpt_lib.Checkpointer(ckpt_dir)
   assert [str(d) for d in seen] == ["gs://bucket/run/checkpoints"] * 2
   assert str(run_dir) == "gs://bucket/run"
@@ -234,7 +234,8 @@ def test_score_links_users_exactly_as_training_with_a_mapping_file(tmp_path):
   from crossrec_jax.data import SourceConfig, load_and_process
   from crossrec_jax.data.link_secret import LinkSecret
   from crossrec_jax.data.processing import link_key
-  from crossrec_jax.models import DomainSpec
+  from crossrec_jax.data.records import read_interactions
+  from crossrec_jax.serving.scorer import Scorer, with_mapping
   (tmp_path / "items.csv").write_text(
       "item_id,domain,title\nb1,books,the dark city\nb2,books,tea\ns1,shop,blue pen\ns2,shop,paper\n")
   (tmp_path / "interactions.csv").write_text(
@@ -249,23 +250,22 @@ def test_score_links_users_exactly_as_training_with_a_mapping_file(tmp_path):
   trained = load_and_process(SourceConfig("byo", str(tmp_path),
                                           processing=from_config.processing_config(config, secret)))
   train_keys = {r["user_key"] for recs in trained["examples"].values() for r in recs}
-  scorer = types.SimpleNamespace(
-      model_config=types.SimpleNamespace(domains=[DomainSpec("books", "rating", 1, 5),
-                                                  DomainSpec("shop", "implicit")]),
-      config=config, link_secret=secret)
-  _, by_person, _, pconfig, person_of = score._read_inputs(
-      tmp_path / "interactions.csv", tmp_path / "items.csv", scorer)
-  assert sorted(by_person) == ["bob@books", "person-1"]
-  assert {x.domain for x in by_person["person-1"]} == {"books", "shop"}
-  assert {link_key(pconfig.link_secret, p) for p in by_person} == train_keys
-  assert person_of("shop", "A-77") == "person-1"
+  engine = types.SimpleNamespace(step=0, domains=["books", "shop"],
+                                 tasks={"books": "rating", "shop": "implicit"})
+  scorer = Scorer(engine, mode="end_to_end", checkpoint_dir=tmp_path, config=config,
+                  link_secret=secret)
+  history = read_interactions(tmp_path / "interactions.csv")
+  people = scorer.link(history)
+  assert sorted(people.histories) == ["bob@books", "person-1"]
+  assert {x.domain for x in people.histories["person-1"]} == {"books", "shop"}
+  assert {link_key(people.processing.link_secret, p) for p in people.histories} == train_keys
+  assert people.of("shop", "A-77") == "person-1"
   # The mapping moved: --mapping_file points the scorer at it; a missing one is a clear error.
   config.data.mapping_file = str(tmp_path / "gone.csv")
-  with pytest.raises(score.ScoringError, match="--mapping_file"):
-    score._read_inputs(tmp_path / "interactions.csv", tmp_path / "items.csv", scorer)
-  _, by_person, _, _, _ = score._read_inputs(tmp_path / "interactions.csv", tmp_path / "items.csv",
-                                             scorer, mapping_file=str(mapping))
-  assert sorted(by_person) == ["bob@books", "person-1"]
+  with pytest.raises(errors.ScoringError, match="--mapping_file"):
+    with_mapping(config, None)
+  scorer.config = with_mapping(config, str(mapping))
+  assert sorted(scorer.link(history).histories) == ["bob@books", "person-1"]
 
 
 def test_corrupt_newest_checkpoint_falls_back_loudly_naming_both_steps(tmp_path, capsys):

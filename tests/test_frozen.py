@@ -12,8 +12,8 @@ import scipy.sparse as sp
 from crossrec_jax import data as data_lib
 from crossrec_jax import fusion, metrics, ranking, text_cache
 from crossrec_jax.baselines import Popularity, UserItemBias, evaluate_ranking
-from crossrec_jax.training.hybrid import (HybridSettings, build_histories, fit_hybrid,
-                                         standardize)
+from crossrec_jax.training.hybrid import fit_hybrid
+from crossrec_jax.training.inputs import HybridSettings, build_histories, standardize
 from crossrec_jax.interactions import InteractionData
 
 RATING = {"name": "movies", "task": "rating", "min_rating": 1.0, "max_rating": 5.0}
@@ -189,13 +189,6 @@ def test_rank_of_targets_matches_the_host_reference_and_hand_values():
   assert m["hr@1"] == 0.5 and m["ndcg@1"] == pytest.approx(0.5)
 
 
-def test_masked_top_k_leaves_out_excluded_items():
-  scores = np.array([[3.0, 2.0, 1.0, 0.0]], np.float32)
-  values, index = ranking.masked_top_k(scores, np.array([[0, 2, -1]], np.int32), k=2)
-  assert list(np.asarray(index[0])) == [1, 3]
-  assert list(np.asarray(values[0])) == [2.0, 0.0]
-
-
 def test_fusion_weights_pick_the_informative_component():
   rng = np.random.default_rng(0)
   n, items = 200, 50
@@ -313,6 +306,14 @@ def _scores_the_frozen_run(config, tmp_path):
   np.testing.assert_allclose([float(r["score"]) for r in pairs[:-1]],
                              [float(r["score"]) for r in music], rtol=1e-5, atol=1e-5)
   assert 1.0 <= float(pairs[-1]["score"]) <= 5.0 and pairs[-1]["task"] == "rating"
+  # An item never trained on (text only) is scored from its text with the run's encoder.
+  (tmp_path / "items_new.csv").write_text((files / "items.csv").read_text(encoding="utf-8") +
+                                          "zz-new,music,a brand new song\n", encoding="utf-8")
+  score.run_scoring(tmp_path / "run", files / "interactions.csv", tmp_path / "items_new.csv",
+                    tmp_path / "new.csv", top_k=100, domains=["music"])
+  with open(tmp_path / "new.csv") as f:
+    new = [r for r in csv.DictReader(f) if r["item_id"] == "zz-new"]
+  assert new and all(np.isfinite(float(r["score"])) for r in new)
 
 
 def _group(rows):

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from crossrec_jax import evaluate, score, train
+from crossrec_jax import errors, evaluate, rundir, train
 from crossrec_jax.data import DataError, SyntheticConfig, link_secret, prepare, synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -72,10 +72,10 @@ def test_secret_and_raw_ids_appear_in_no_file_and_no_output(tmp_path, monkeypatc
   meta = json.loads(meta_file.read_text())
   assert meta["link_secret"]["digest"] == link_secret.digest(secret)
   assert meta["config"]["data"]["link_secret"] == ""
-  assert score.scoring_secret(meta).value == secret
+  assert rundir.scoring_secret(meta).value == secret
   monkeypatch.delenv("CROSSREC_LINK_SECRET")
-  with pytest.raises(score.ScoringError, match="CROSSREC_LINK_SECRET"):
-    score.scoring_secret(meta)
+  with pytest.raises(errors.ScoringError, match="CROSSREC_LINK_SECRET"):
+    rundir.scoring_secret(meta)
 
 
 def _snapshot(root: pathlib.Path) -> dict[str, tuple[int, int]]:

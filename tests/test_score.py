@@ -1,5 +1,5 @@
-"""Batch inference from a training checkpoint: consistency with training, 1 vs 8 devices,
-blocked top-K, streaming outputs, bad inputs."""
+"""Batch inference from an end-to-end training checkpoint: consistency with training, 1 vs 8
+devices, blocked top-K, streaming outputs, bad inputs (frozen runs: test_serving.py)."""
 
 import csv
 import json
@@ -14,8 +14,10 @@ import pytest
 
 from crossrec_jax import checkpoint as ckpt_lib
 from crossrec_jax import evaluate as eval_lib
-from crossrec_jax import experiment, score, train
+from crossrec_jax import experiment, score
 from crossrec_jax.data import SyntheticConfig, synthetic
+from crossrec_jax.errors import ScoringError
+from crossrec_jax.serving.scorer import Scorer
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,7 +41,7 @@ def files(trained, tmp_path_factory):
 
 def test_bulk_scores_equal_training_eval_scores(trained):
   workdir, config = trained
-  scorer = score.Scorer.from_checkpoint(workdir)
+  scorer = Scorer.from_checkpoint(workdir).model
   run, _ = experiment.build_run(config, workdir)
   evaluator = eval_lib.Evaluator(run.graphdef, run.mesh, run.catalog, run.tokenizer,
                                  run.pipe_config, run.model_config)
@@ -56,7 +58,7 @@ def test_bulk_scores_equal_training_eval_scores(trained):
 
 
 def test_top_k_matches_brute_force_with_exclusions(trained):
-  scorer = score.Scorer.from_checkpoint(trained[0])
+  scorer = Scorer.from_checkpoint(trained[0]).model
   rng = np.random.default_rng(0)
   users = rng.normal(size=(13, scorer.model_config.dim)).astype(np.float32)
   items = rng.normal(size=(50, scorer.model_config.dim)).astype(np.float32)
@@ -76,8 +78,8 @@ def test_top_k_matches_brute_force_with_exclusions(trained):
 
 
 def test_one_and_eight_devices_give_identical_results(trained):
-  one = score.Scorer.from_checkpoint(trained[0], devices=jax.devices()[:1], batch_size=16)
-  eight = score.Scorer.from_checkpoint(trained[0], batch_size=16)
+  one = Scorer.from_checkpoint(trained[0], devices=jax.devices()[:1], batch_size=16).model
+  eight = Scorer.from_checkpoint(trained[0], batch_size=16).model
   assert eight.mesh.devices.size == 8
   texts = [f"books: the {w} manor. genre: mystery novel (rated {i % 5 + 1})" for i, w in
            enumerate(["dark", "silent", "blue", "red", "haunted", "love"] * 5)]
@@ -185,9 +187,9 @@ def test_checkpoint_from_another_model_is_refused(trained, tmp_path):
     meta["model"]["dim"] = 48
     meta_file.write_text(json.dumps(meta))
   with pytest.raises(ckpt_lib.CheckpointIncompatibleError, match=r"does not match this model"):
-    score.Scorer.from_checkpoint(workdir)
-  with pytest.raises(score.ScoringError, match=r"not a training workdir"):
-    score.Scorer.from_checkpoint(tmp_path)
+    Scorer.from_checkpoint(workdir)
+  with pytest.raises(ScoringError, match=r"not a training workdir"):
+    Scorer.from_checkpoint(tmp_path)
 
 
 def test_evaluate_workdir_reports_every_domain(trained, capsys):
@@ -202,7 +204,7 @@ def test_scoring_restores_params_only_from_a_full_train_state(trained):
   """The checkpoint holds params + Adam moments in one item (as training writes it); scoring
   reads the params subtree alone, with the same values a full restore gives."""
   workdir, config = trained
-  scorer = score.Scorer.from_checkpoint(workdir)
+  scorer = Scorer.from_checkpoint(workdir).model
   run, _ = experiment.build_run(config, workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
   try:

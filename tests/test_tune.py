@@ -1,8 +1,10 @@
-"""Stage 2 (``config.encoder_mode = "tune"``): the encoder fine-tuned under the stage-1 model."""
+"""The tune mode (``config.encoder_mode = "tune"``): the encoder trained under the frozen mode's
+hybrid model, with the one adversarial objective (fgm / pgd) on the re-encoded texts."""
 
 import json
 
 import numpy as np
+import pytest
 
 from crossrec_jax import train
 from crossrec_jax.training import tune
@@ -29,11 +31,11 @@ def test_tune_starts_from_frozen_then_tunes_resumes_and_serves(tmp_path, capsys)
       "tune.batch_size": 64, "tune.refresh_items": 32, "tune.learning_rate": 1e-3,
       "tune.encoder_learning_rate": 1e-3})
 
-  # No stage-1 run yet: it is trained first. Zero stage-2 epochs serve exactly stage 1's model:
+  # No frozen run yet: it is trained first. Zero tune epochs serve exactly the frozen model:
   # re-encoding with the untouched encoder gives the cached vectors back.
   untouched = train.train_and_evaluate(config(0), run)
   out = capsys.readouterr().out
-  assert "training stage 1 first" in out
+  assert "training the frozen mode first" in out
   frozen_test = _records(run / "metrics.jsonl")[-1]
   _assert_metrics_close(untouched["metrics"], frozen_test)
   cached = np.load(next((run / "text_cache").glob("*.npy")))
@@ -50,7 +52,7 @@ def test_tune_starts_from_frozen_then_tunes_resumes_and_serves(tmp_path, capsys)
   assert [p.name for p in (run / "tune" / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]
   assert _records(run / "tune" / "metrics.jsonl")[-1] == longer["metrics"]
 
-  # evaluate and score serve the stage-2 model of the workdir, exactly as it was evaluated.
+  # evaluate and score serve the tune-mode model of the workdir, exactly as it was evaluated.
   from crossrec_jax import evaluate  # pylint: disable=import-outside-toplevel
   _assert_metrics_close(evaluate.evaluate_workdir(run, "test"), longer["metrics"], atol=1e-5)
   assert tune.has_tuned(run)
@@ -58,7 +60,7 @@ def test_tune_starts_from_frozen_then_tunes_resumes_and_serves(tmp_path, capsys)
 
 
 def test_gs_workdir_stays_a_bucket_url_in_frozen_and_tune(monkeypatch, tmp_path):
-  """``gs://bucket/run`` stays a bucket URL through stage 1 (train, load) and stage 2 (its
+  """``gs://bucket/run`` stays a bucket URL through the frozen mode (train, load) and the tune mode (its
   checkpoint directory, the tuned item vectors) all the way to Orbax and the bucket (pathlib would
   make it ``gs:/bucket/run``, a local folder). No network: Orbax's manager is faked, etils'
   ``mock_epath`` puts the bucket in a local folder, and the data, encoder and training are stubs."""
@@ -131,33 +133,34 @@ def test_gs_workdir_stays_a_bucket_url_in_frozen_and_tune(monkeypatch, tmp_path)
   data = types.SimpleNamespace(item_texts=["a", "b"], domains=[], num_users=1, num_items=2)
   monkeypatch.setattr(ckpt_lib.ocp, "CheckpointManager", FakeManager)
   monkeypatch.setattr(text_cache, "TextEncoder", FakeEncoder)
-  monkeypatch.setattr(stage1_run, "resolve_link_secret", lambda config: types.SimpleNamespace(
+  monkeypatch.setattr(served, "resolve_link_secret", lambda config: types.SimpleNamespace(
       digest="d", origin="test", file=""))
-  monkeypatch.setattr(stage1_run, "prepare_data", lambda config, secret: None)
-  monkeypatch.setattr(stage1_run, "InteractionData",
+  monkeypatch.setattr(served, "prepare_data", lambda config, secret: None)
+  monkeypatch.setattr(served, "InteractionData",
                       types.SimpleNamespace(from_builder=lambda builder: data))
-  monkeypatch.setattr(stage1_run, "resolve_model_checkpoint", model_checkpoint)
-  monkeypatch.setattr(stage1_run, "HybridSettings",
+  monkeypatch.setattr(served, "resolve_model_checkpoint", model_checkpoint)
+  monkeypatch.setattr(served, "HybridSettings",
                       types.SimpleNamespace(from_config=lambda config, data: Settings()))
-  monkeypatch.setattr(stage1_run, "fit_hybrid", lambda *a, **k: types.SimpleNamespace(
+  monkeypatch.setattr(served, "fit_hybrid", lambda *a, **k: types.SimpleNamespace(
       model=nnx.Linear(1, 1, rngs=nnx.Rngs(0))))
-  monkeypatch.setattr(stage1_run, "evaluate_and_report",
+  monkeypatch.setattr(served, "evaluate_and_report",
                       lambda model, data, step, workdir, label: calls["metrics"].append(str(workdir)))
   config = ml_collections.ConfigDict({"data": {"item_max_length": 8}})
 
   ops = ("open", "copy", "rename", "exists", "glob", "walk", "isdir", "listdir", "makedirs",
          "mkdir", "remove", "replace", "rmtree", "stat")
   with epath_testing.mock_epath(**{op: redirect for op in ops}):
-    served.train_and_evaluate(config, "gs://bucket/run")  # the default (stage-1) training
+    served.train_and_evaluate(config, "gs://bucket/run")  # the default (frozen-mode) training
     assert seen == ["gs://bucket/run/checkpoints"], seen
     assert calls == {"encoder": ["gs://bucket/run"], "metrics": ["gs://bucket/run"]}, calls
     assert len(list((store / "bucket" / "run" / "text_cache").glob("*.npy"))) == 1
 
     (store / "bucket" / "run" / "tune" / "checkpoints").mkdir(parents=True)
-    assert not tune.has_tuned("gs://bucket/run")  # an empty stage-2 checkpoint folder
+    assert not tune.has_tuned("gs://bucket/run")  # an empty tune-mode checkpoint folder
     assert seen[-1] == "gs://bucket/run/tune/checkpoints", seen
-    with pytest.raises(ckpt_lib.CheckpointIncompatibleError, match="^gs://bucket/run: no stage-1"):
-      tune.load("gs://bucket/run", config)       # no stage-2 model: stage 1's, via served.load
+    with pytest.raises(ckpt_lib.CheckpointIncompatibleError,
+                       match="^gs://bucket/run: no finished frozen-mode checkpoint"):
+      tune.load("gs://bucket/run", config)       # no tune-mode model: the frozen one, via served.load
     assert seen[-1] == "gs://bucket/run/checkpoints" and calls["encoder"][-1] == "gs://bucket/run"
 
     vectors = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -166,3 +169,108 @@ def test_gs_workdir_stays_a_bucket_url_in_frozen_and_tune(monkeypatch, tmp_path)
     np.testing.assert_array_equal(
         tune._read_vectors(epath.Path("gs://bucket/run"), 2), vectors)  # pylint: disable=protected-access
   assert not (tmp_path / "gs:").exists()  # nothing went to a collapsed local gs:/bucket path
+
+
+# -- the tune mode's objective: L + w * L_adv on the re-encoded texts' word embeddings ------------
+
+def _tune_parts(method, weight=0.5, eps=0.5):
+  """A tiny encoder, a stand-in hybrid loss over the text table (squared error of a linear score
+  of the batch items' text rows, plus a penalty) and the tune objective built on them."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.models import testing  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.models.bert import BertEncoder  # pylint: disable=import-outside-toplevel
+
+  cfg = testing.tiny_bert_config(40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32)
+  graphdef, encoder_params = nnx.split(BertEncoder(cfg, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  num_items = 4
+  table = jnp.asarray(rng.normal(size=(num_items + 1, 16)).astype(np.float32))
+  norm = {"mean": jnp.zeros(16), "projection": jnp.eye(16), "scale": jnp.asarray(0.5)}
+  rows = np.array([0, 2, num_items + 1], np.int32)  # the last: padding, dropped by the scatter
+  mask = np.ones((3, 6), np.int32)
+  mask[1, 4:] = 0
+  mask[2] = 0
+  tokens = {"rows": rows, "ids": rng.integers(5, 40, (3, 6)).astype(np.int32), "mask": mask}
+  batch = {"item": np.array([0, 2, 1], np.int32), "label": np.array([1.0, -1.0, 0.5], np.float32)}
+
+  def hybrid_loss(p, batch, text):
+    data_loss = jnp.mean(jnp.square(text[batch["item"]] @ p["w"] - batch["label"]))
+    reg = 0.01 * jnp.sum(p["w"] ** 2)
+    return data_loss, (data_loss, reg)
+
+  params = {"encoder": encoder_params, "hybrid": {"w": jnp.asarray(rng.normal(size=16), jnp.float32)}}
+  adv = ml_collections.ConfigDict(dict(method=method, eps=eps, weight=weight, step_size=0.3,
+                                       steps=3, noise=1e-3))
+  objective = tune._objective(hybrid_loss, graphdef, norm, table, adv)  # pylint: disable=protected-access
+  return objective, params, batch, tokens, jax.random.key(3), (hybrid_loss, graphdef, norm, table)
+
+
+def test_tune_weight_zero_is_the_plain_step_exactly():
+  import jax  # pylint: disable=import-outside-toplevel
+  plain, params, batch, tokens, key, _ = _tune_parts("none")
+  zero, *_ = _tune_parts("pgd", weight=0.0)
+  (v0, m0), g0 = jax.value_and_grad(plain, has_aux=True)(params, batch, tokens, key)
+  (v1, m1), g1 = jax.value_and_grad(zero, has_aux=True)(params, batch, tokens, key)
+  assert float(v0) == float(v1) and set(m0) == set(m1) == {"loss", "reg"}
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tune_fgm_gradient_is_that_of_loss_plus_w_times_the_adversarial_loss():
+  """By hand: L = data loss + penalty, L_adv = data loss with the FGM perturbation (held fixed)
+  added to the re-encoded texts' word embeddings."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.training import adversarial  # pylint: disable=import-outside-toplevel
+  w = 0.5
+  objective, params, batch, tokens, key, (hybrid_loss, graphdef, norm, table) = _tune_parts("fgm", w)
+
+  def data_loss(p, e):
+    text = tune._live_text(graphdef, p["encoder"], tokens, norm, table, e)  # pylint: disable=protected-access
+    return hybrid_loss(p["hybrid"], batch, text)
+
+  embeds_of = lambda p: nnx.merge(graphdef, p["encoder"]).embed_tokens(tokens["ids"])
+  r = adversarial.fgm_perturbation(lambda e: (data_loss(params, e)[0], None), embeds_of(params), 0.5)
+
+  def by_hand(p):
+    e = embeds_of(p)
+    loss, (_, reg) = data_loss(p, e)
+    return loss + reg + w * data_loss(p, adversarial.perturb(e, r))[0]
+
+  (v, metrics), g = jax.value_and_grad(objective, has_aux=True)(params, batch, tokens, key)
+  v0, g0 = jax.value_and_grad(by_hand)(params)
+  np.testing.assert_allclose(float(v), float(v0), rtol=1e-6)
+  assert float(metrics["adversarial"]) > float(metrics["loss"])
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+def test_tune_pgd_is_not_fgm():
+  """method=pgd runs PGD (K projected steps from a random start), not FGM under another name."""
+  import jax  # pylint: disable=import-outside-toplevel
+  out = {}
+  for method in ("fgm", "pgd"):
+    objective, params, batch, tokens, key, _ = _tune_parts(method)
+    (v, metrics), g = jax.value_and_grad(objective, has_aux=True)(params, batch, tokens, key)
+    out[method] = (float(metrics["adversarial"]), np.asarray(g["hybrid"]["w"]))
+  assert out["fgm"][0] != pytest.approx(out["pgd"][0], rel=1e-4), out
+  assert not np.allclose(out["fgm"][1], out["pgd"][1], rtol=1e-4)
+
+
+def test_tune_step_updates_with_pgd_under_jit():
+  import jax  # pylint: disable=import-outside-toplevel
+  objective, params, batch, tokens, key, _ = _tune_parts("pgd")
+  ft = type("Tune", (), {"learning_rate": 1e-2, "encoder_learning_rate": 1e-3})
+  tx = tune._optimizer(ft, 10)  # pylint: disable=protected-access
+  step = tune._make_step(objective, tx)  # pylint: disable=protected-access
+  before = np.asarray(params["hybrid"]["w"]).copy()
+  state = (jax.tree.map(lambda x: x.copy(), params), tx.init(params))
+  for k in range(2):  # step 0 is the warmup's first (learning rate 0)
+    *state, metrics = step(*state, batch, tokens, jax.random.fold_in(key, k))
+  assert set(metrics) == {"loss", "reg", "adversarial"}
+  assert np.isfinite(float(metrics["adversarial"]))
+  assert not np.array_equal(np.asarray(state[0]["hybrid"]["w"]), before)

@@ -17,11 +17,13 @@ from crossrec_jax.baselines.base import (Recommender, domain_exclusions, evaluat
 from crossrec_jax.baselines.content import TextKNN
 from crossrec_jax.baselines.ranking import (BPR, EASE, ItemCooccurrence, ItemKNN, Popularity,
                                             ease_weights)
-from crossrec_jax.baselines.rating import (AutoRec, BiasedMF, ItemMean, RatingRecommender,
-                                           RatingTerms, UserItemBias, fit_biases)
+from crossrec_jax.baselines.rating import (ITEM_MEAN_SHRINK, AutoRec, BiasedMF, ItemMean,
+                                           RatingRecommender, RatingTerms, UserItemBias,
+                                           fit_biases, shrunk_item_means)
 
 __all__ = ["Recommender", "RatingRecommender", "RatingTerms", "domain_exclusions",
            "evaluate_ranking", "evaluate_rating", "holdout_split", "ranking_metric", "rmse_metric",
            "tune", "BPR", "EASE", "ItemCooccurrence", "ItemKNN", "Popularity", "TextKNN",
            "ease_weights",
-           "AutoRec", "BiasedMF", "ItemMean", "UserItemBias", "fit_biases"]
+           "ITEM_MEAN_SHRINK", "AutoRec", "BiasedMF", "ItemMean", "UserItemBias", "fit_biases",
+           "shrunk_item_means"]

@@ -92,20 +92,29 @@ def fit_biases(user, col, rating, num_users, num_items, reg, sweeps=15) -> Ratin
   return RatingTerms(mean, b_user, b_item)
 
 
+ITEM_MEAN_SHRINK = 5.0  # pseudo-ratings at the domain mean: the item-mean baseline of every mode
+
+
+def shrunk_item_means(total: np.ndarray, count: np.ndarray, prior, shrink: float = ITEM_MEAN_SHRINK
+                      ) -> np.ndarray:
+  """Per item (total + shrink * prior) / (count + shrink); an item without ratings gets
+  ``prior`` (its domain's mean rating; a scalar or one per item)."""
+  means = (total + shrink * prior) / np.maximum(count + shrink, 1e-12)
+  return np.where(count > 0, means, prior)
+
+
 class ItemMean(RatingRecommender):
   """Each item's mean train rating, shrunk towards the domain mean by ``shrink`` pseudo-ratings
   (an item rated once is not trusted as much as one rated a hundred times)."""
   name = "item mean"
 
-  def __init__(self, shrink: float = 5.0):
+  def __init__(self, shrink: float = ITEM_MEAN_SHRINK):
     self.shrink = shrink
 
   def _fit_domain(self, user, col, rating, num_users, num_items):
     mean = float(rating.mean()) if len(rating) else 0.0
-    total = np.bincount(col, rating, num_items)
-    count = np.bincount(col, minlength=num_items)
-    item_mean = (total + self.shrink * mean) / np.maximum(count + self.shrink, 1e-12)
-    item_mean[count == 0] = mean
+    item_mean = shrunk_item_means(np.bincount(col, rating, num_items),
+                                  np.bincount(col, minlength=num_items), mean, self.shrink)
     return RatingTerms(mean, np.zeros(num_users + 1), item_mean - mean)
 
 

@@ -169,6 +169,14 @@ class BertPooler(nnx.Module):
     return jnp.tanh(self.dense(hidden[:, 0]))
 
 
+def masked_mean(hidden, mask):
+  """[B, T, H] -> [B, H]: the mean of ``hidden`` over the real tokens (``mask`` 1), the text
+  vector sentence encoders such as all-MiniLM-L6-v2 are trained with. The one mean pooling of
+  the package (text cache, tune mode, recommender towers)."""
+  m = mask.astype(hidden.dtype)[..., None]
+  return jnp.sum(hidden * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
 class BertEncoder(nnx.Module):
   """``BertModel`` equivalent: returns (last_hidden_state, pooled_output).
 

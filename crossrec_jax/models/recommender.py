@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from crossrec_jax.models import hf
-from crossrec_jax.models.bert import EMBED, BertConfig, BertEncoder
+from crossrec_jax.models.bert import EMBED, BertConfig, BertEncoder, masked_mean
 from crossrec_jax.models.heads import MultiTaskHead
 
 TASKS = ("rating", "implicit")
@@ -91,11 +91,6 @@ class RecommenderConfig:
     return cls(**raw)
 
 
-def _masked_mean(hidden, mask):
-  mask = mask.astype(hidden.dtype)[..., None]
-  return jnp.sum(hidden * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
-
-
 class CrossDomainRecommender(nnx.Module):
   """``__call__(batch)`` -> dict(rating, logit, retrieval, user, item) for each example.
 
@@ -153,7 +148,7 @@ class CrossDomainRecommender(nnx.Module):
   def _text_vector(self, embeds, mask):
     hidden, pooled = self.encoder(attention_mask=mask, inputs_embeds=embeds)
     if self.config.pooling == "mean":
-      return _masked_mean(hidden, mask)
+      return masked_mean(hidden, mask)
     return pooled if self.config.pooling == "pooler" else hidden[:, 0]
 
   @staticmethod

@@ -26,16 +26,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-# Settings and input tables live in training/inputs.py.
-from crossrec_jax.training.inputs import (EXPLICIT, IMPLICIT, HybridSettings,  # noqa: F401
-                                          _history_length, build_histories, flat_histories,
-                                          resolve_context,
-                                          resolve_user_ids, standardize, tag_matrix,
-                                          tag_vocabulary)
 from crossrec_jax import sharding
 from crossrec_jax.interactions import InteractionData, Queries
-from crossrec_jax.models.hybrid import HybridConfig, HybridRecommender, padded_rows
-from crossrec_jax.training import loop
+from crossrec_jax.models.hybrid import (ITEMS, USERS, HybridConfig, HybridRecommender,
+                                       padded_rows)
+from crossrec_jax.training import adversarial, loop, optim
+from crossrec_jax.training.inputs import (HybridSettings, _history_length, build_histories,
+                                          flat_histories, resolve_context, resolve_user_ids,
+                                          standardize, tag_matrix, tag_vocabulary)
 from crossrec_jax.training.steps import TrainState, state_shardings
 
 
@@ -127,11 +125,13 @@ def _examples(data: InteractionData):
   return out
 
 
-def _loss_fn(graphdef, tables, settings: HybridSettings, task: str, lo: int, hi: int,
+def _loss_fn(graphdef, default_tables, settings: HybridSettings, task: str, lo: int, hi: int,
              num_train: float):
-  """loss(params, batch, deltas) for batches of one domain (``task``, items [lo, hi))."""
+  """loss(params, batch, deltas) for batches of one domain (``task``, items [lo, hi)).
+  ``tables``: the input tables (``TrainingSetup.tables``); the jitted step passes them placed
+  on the mesh (row-sharded), so no replicated copy of the catalog is baked into it."""
 
-  def reg(m: HybridRecommender):
+  def reg(m: HybridRecommender, tables):
     s = settings
     total = s.reg_factors * (jnp.sum(tables["user_count_w"][:, None] * m.user_factors.value ** 2) +
                              jnp.sum(tables["item_count_w"][:, None] * m.item_factors.value ** 2))
@@ -148,7 +148,7 @@ def _loss_fn(graphdef, tables, settings: HybridSettings, task: str, lo: int, hi:
                             jnp.sum(m.history_mlp_out.kernel.value ** 2))
     return total / num_train
 
-  def loss(params, batch, user_delta=None, item_delta=None, text=None):
+  def loss(params, batch, user_delta=None, item_delta=None, text=None, tables=default_tables):
     """``text``: the item text table to use instead of the cached one (the tune mode passes one
     with the batch's items re-encoded by the encoder being fine-tuned)."""
     m = nnx.merge(graphdef, params)
@@ -177,7 +177,7 @@ def _loss_fn(graphdef, tables, settings: HybridSettings, task: str, lo: int, hi:
       logits = jnp.concatenate([pos_logit[:, None], neg_logit], 1)
       nll = -jax.nn.log_softmax(logits, -1)[:, 0]
       data_loss = jnp.sum(w * nll) / jnp.maximum(w.sum(), 1.0)
-    return data_loss, (data_loss, reg(m))
+    return data_loss, (data_loss, reg(m, tables))
 
   return loss
 
@@ -363,6 +363,7 @@ class HybridTrainer:
   steps_per_epoch: int
   init_params: Any
   tx: Any
+  tables: dict[str, Any]  # TrainingSetup.tables placed on the mesh
 
   def init_state(self) -> TrainState:
     init = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
@@ -378,7 +379,7 @@ class HybridTrainer:
 
   def step(self, state: TrainState, batch):
     d, arrays, _ = batch
-    return self.steps[d](state, arrays)
+    return self.steps[d](state, arrays, self.tables)
 
   def batches(self) -> HybridBatches:
     return HybridBatches(self.data, self.setup, self.settings, self.put)
@@ -412,10 +413,9 @@ def build_trainer(data: InteractionData, settings: HybridSettings = HybridSettin
   setup = training_setup(data, s, text, profile, profile_rows)
   per_epoch = sum(setup.steps_per_epoch.values())
   total = total_steps or s.epochs * per_epoch
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, s.learning_rate, max(1, int(s.warmup_fraction * total)), max(total, 2),
-      end_value=0.1 * s.learning_rate)
-  tx = optax.adam(schedule)
+  optimizer = optim.OptimizerSettings({"all": optim.Group(s.learning_rate)}, total,
+                                     warmup_fraction=s.warmup_fraction)
+  tx, schedule = optim.make_optimizer(optimizer), optim.learning_rate(optimizer, s.learning_rate)
   graphdef, state = nnx.split(setup.model)
   logical = sharding.logical_axes_tree(state)
   params = nnx.to_pure_dict(state)
@@ -424,6 +424,7 @@ def build_trainer(data: InteractionData, settings: HybridSettings = HybridSettin
       rng=jax.random.key_data(jax.random.key(0))), params)
   shardings_ = state_shardings(abstract, logical, tx, tuple(rules), mesh)
   params = jax.device_put(params, shardings_.params)
+  tables = place_tables(setup.tables, mesh, rules)
   steps = {}
   for d in setup.examples:
     lo, hi = int(data.offsets[d]), int(data.offsets[d + 1])
@@ -432,7 +433,30 @@ def build_trainer(data: InteractionData, settings: HybridSettings = HybridSettin
     steps[d] = _make_step(loss, tx, s, setup.batch_size[d] if task == "rating" else (
         s.num_negatives if s.num_negatives > 0 else hi - lo), shardings_, mesh)
   return HybridTrainer(data, s, setup, mesh, graphdef, shardings_, steps, schedule, total,
-                       per_epoch, params, tx)
+                       per_epoch, params, tx, tables)
+
+
+# Logical axes of the input tables: the item-indexed ones are row-sharded like the item factors.
+TABLE_AXES = {"text": (ITEMS, None), "tags": (ITEMS, None), "item_count_w": (ITEMS,),
+              "user_count_w": (USERS,), "log_q": (ITEMS,), "domain_of_item": (ITEMS,)}
+
+
+def place_tables(tables: dict, mesh, rules=sharding.DEFAULT_RULES) -> dict:
+  """The tables on the mesh: item- / user-indexed ones padded to the model's rows and split by
+  rows (``TABLE_AXES``), the small rest replicated."""
+  out = {}
+  for name, table in tables.items():
+    axes = TABLE_AXES.get(name)
+    if axes is None:
+      out[name] = jax.device_put(table, sharding.replicated(mesh))
+      continue
+    table = jnp.asarray(table)
+    rows = padded_rows(table.shape[0] - 1)
+    pad = [(0, rows - table.shape[0])] + [(0, 0)] * (table.ndim - 1)
+    table = jnp.pad(table, pad, constant_values=-1 if name == "domain_of_item" else 0)
+    spec = sharding.spec_for(table.shape, axes, tuple(rules), mesh, name=f"tables/{name}")
+    out[name] = jax.device_put(table, jax.sharding.NamedSharding(mesh, spec))
+  return out
 
 
 def fit_hybrid(data: InteractionData, settings: HybridSettings = HybridSettings(), *,
@@ -467,30 +491,26 @@ def _make_step(loss, tx, s: HybridSettings, num_item_vectors: int, shardings_: T
   ``num_item_vectors``: item vectors one batch's loss reads (the APR perturbation's shape): the
   batch's targets (ratings) or the domain's catalog (softmax)."""
 
-  def total(params, batch):
-    data_loss, (plain, reg) = loss(params, batch)
+  def total(params, batch, tables):
+    data_loss, (plain, reg) = loss(params, batch, tables=tables)
     return data_loss + reg, (plain, reg)
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, tables):
     params = state.params
-    (_, (plain, reg)), grads = jax.value_and_grad(total, has_aux=True)(params, batch)
+    loss_ = lambda p, b, du=None, di=None: loss(p, b, du, di, tables=tables)
+    (_, (plain, reg)), grads = jax.value_and_grad(total, has_aux=True)(params, batch, tables)
     metrics = {"loss": plain, "reg": reg}
-    if s.adversarial == "apr":
-      # APR: the worst-case perturbation of the user and item vectors within an L2 ball.
-      dim = params["item_factors"].shape[-1]
-      zeros_u = jnp.zeros((batch["user"].shape[0], dim))
-      zeros_i = jnp.zeros((num_item_vectors, dim))
-      gu, gi = jax.grad(lambda du, di: loss(params, batch, du, di)[0], argnums=(0, 1))(zeros_u, zeros_i)
-      scale = lambda g: s.adversarial_eps * g / (jnp.linalg.norm(g, axis=-1, keepdims=True) + 1e-12)
-      du, di = jax.lax.stop_gradient(scale(gu)), jax.lax.stop_gradient(scale(gi))
-      adv, adv_grads = jax.value_and_grad(lambda p: loss(p, batch, du, di)[0])(params)
-      grads = jax.tree.map(lambda g, a: g + s.adversarial_weight * a, grads, adv_grads)
+    if s.adversarial == "apr":  # the worst-case user / item vectors within an L2 ball
+      adv, adv_grads = adversarial.apr_gradients(
+          lambda p, b, du, di: loss_(p, b, du, di)[0], params, batch, batch["user"].shape[0],
+          num_item_vectors, params["item_factors"].shape[-1], s.adversarial_eps)
+      grads = adversarial.add_weighted(grads, adv_grads, s.adversarial_weight)
       metrics["adversarial"] = adv
     updates, opt_state = tx.update(grads, state.opt_state, params)
     return dataclasses.replace(state, step=state.step + 1, params=optax.apply_updates(params, updates),
                                opt_state=opt_state), metrics
 
-  return jax.jit(step, in_shardings=(shardings_, None),
+  return jax.jit(step, in_shardings=(shardings_, None, None),
                  out_shardings=(shardings_, sharding.replicated(mesh)), donate_argnums=(0,))
 
 

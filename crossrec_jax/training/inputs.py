@@ -10,7 +10,9 @@ import dataclasses
 import numpy as np
 
 from crossrec_jax.data.processing import CONTEXT_SPLITS
+from crossrec_jax.errors import ConfigError
 from crossrec_jax.interactions import InteractionData
+from crossrec_jax.training import adversarial as adversarial_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +50,10 @@ class HybridSettings:
   reg_user_tags: float = 1000.0
   reg_history_text: float = 1000.0  # shared by every history: as strong as reg_history
   reg_mlp: float = 100.0
+  # APR (training/adversarial.py): set from config.adversarial (method "apr") by from_config.
   adversarial: str = "none"        # none | apr
-  adversarial_eps: float = 0.05    # L2 radius per user / item vector
-  adversarial_weight: float = 0.5
+  adversarial_eps: float = adversarial_lib.DEFAULTS["apr"][0]  # L2 radius per user / item vector
+  adversarial_weight: float = adversarial_lib.DEFAULTS["apr"][1]  # w of L + w * L_adv
   seed: int = 0
 
   @classmethod
@@ -64,12 +67,21 @@ class HybridSettings:
   @classmethod
   def from_config(cls, config, data: InteractionData) -> "HybridSettings":
     """A run's hybrid settings: ``defaults_for`` the data with ``config.seed`` and the fields
-    ``config.hybrid`` sets (None keeps the default; an unknown field is an error)."""
+    ``config.hybrid`` sets (None keeps the default; an unknown field is an error), APR from
+    ``config.adversarial`` (on when its method is "apr"; any other method leaves it off)."""
     overrides = {k: v for k, v in config.hybrid.items() if v is not None}
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
       raise ValueError(f"config.hybrid has unknown field(s) {unknown}; known: {sorted(fields)}")
+    misplaced = sorted(k for k in overrides if k.startswith("adversarial"))
+    if misplaced:
+      raise ConfigError(f"config.hybrid.{misplaced[0]}: APR is set in config.adversarial; use "
+                        "--config.adversarial.method=apr (and adversarial.eps / weight)")
+    adv = adversarial_lib.resolve(config.adversarial)
+    if adv.method == "apr":
+      overrides |= {"adversarial": "apr", "adversarial_eps": adv.eps,
+                    "adversarial_weight": adv.weight}
     return cls.defaults_for(data, seed=config.seed, overrides=overrides)
 
 

@@ -91,7 +91,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tables: TaskTabl
     def total_loss(params):
       # Frozen parameters are constants here, so XLA drops their weight gradients and they
       # count in neither the clipping norm nor grad_norm.
-      params = jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p,
+      params = jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == optim.FROZEN else p,
                             params, optim.trainable_labels(params, config))
       embeds = nnx.merge(graphdef, params).embed_tokens(batch)
 

@@ -7,8 +7,11 @@ the texts of the batch's items (targets first, then history items, at most
 standardisation and puts them in place of their cached rows, then takes the frozen mode's loss: the
 gradient reaches the encoder through every re-encoded item, while the rest of the catalog (the
 softmax's other negatives) keeps its cached vector. Before the first step the model is exactly
-the frozen run's. The word embeddings of the re-encoded texts are perturbed adversarially (FGM, as in
-end-to-end training) when ``adversarial.method`` is not "none".
+the frozen run's. ``adversarial.method`` fgm or pgd perturbs the word embeddings of the
+re-encoded texts, with the objective of every mode, L + w * L_adv (training/adversarial.py);
+smart and apr are refused by ``config_check`` for this mode. The optimizer is the factory's
+(training/optim.py): Adam on the hybrid network at ``tune.learning_rate``, AdamW (decay 0.01)
+on the encoder at ``tune.encoder_learning_rate``, 5% warmup, cosine to 0.1 x each peak.
 
 After training every item text is re-encoded with the tuned encoder, the fusion weights are
 tuned again on valid and valid / test are evaluated as in the frozen mode. Checkpoints (Orbax, in
@@ -29,14 +32,15 @@ import optax
 from etils import epath
 from flax import nnx
 
-from crossrec_jax import served, text_cache
-from crossrec_jax.training import adversarial
+from crossrec_jax import served, sharding, text_cache
+from crossrec_jax.training import adversarial, optim
 from crossrec_jax import checkpoint as ckpt_lib
 from crossrec_jax.training.inputs import apply_standardizer, standardizer
 from crossrec_jax.training.hybrid import (FittedHybrid, _loss_fn, epoch_batches,
                                           training_setup)
 from crossrec_jax.data.from_config import resolve_model_checkpoint
 from crossrec_jax.models import hf
+from crossrec_jax.models.bert import masked_mean
 
 SUBDIR = "tune"
 
@@ -52,55 +56,57 @@ def _refresh_rows(batch, num_items: int, limit: int) -> np.ndarray:
   return np.concatenate([rows, np.full(limit - len(rows), num_items + 1)]).astype(np.int32)
 
 
-def _live_text(encoder_graphdef, encoder_params, tokens, norm, table, embed_delta=None):
-  """The text table with ``tokens["rows"]`` re-encoded; gradients flow to those rows only."""
+def _live_text(encoder_graphdef, encoder_params, tokens, norm, table, embeds):
+  """The text table with ``tokens["rows"]`` re-encoded from the word embeddings ``embeds``
+  ([rows, T, H]); gradients flow to those rows only."""
   encoder = nnx.merge(encoder_graphdef, encoder_params)
-  embeds = encoder.embed_tokens(tokens["ids"])
-  if embed_delta is not None:
-    embeds = adversarial.perturb(embeds, embed_delta)
   hidden, _ = encoder(None, tokens["mask"], inputs_embeds=embeds)
-  m = tokens["mask"].astype(hidden.dtype)[..., None]
-  pooled = jnp.sum(hidden * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
-  live = apply_standardizer(pooled, norm)
+  live = apply_standardizer(masked_mean(hidden, tokens["mask"]), norm)
   return jax.lax.stop_gradient(table).at[tokens["rows"]].set(live, mode="drop")
 
 
-def _make_step(hybrid_loss, encoder_graphdef, tx, norm, table, adv):
-  """The jitted update of (params, opt_state) on (batch, tokens of the re-encoded items)."""
+def _objective(hybrid_loss, encoder_graphdef, norm, table, adv):
+  """objective(params, batch, tokens, rng) -> (L + w * L_adv, metrics): L the hybrid loss with
+  its penalties, L_adv its data loss at the perturbed word embeddings of the re-encoded texts."""
+  adv = adversarial.resolve(adv)
 
-  def total(params, batch, tokens, delta=None):
-    text = _live_text(encoder_graphdef, params["encoder"], tokens, norm, table, delta)
-    data_loss, (plain, reg) = hybrid_loss(params["hybrid"], batch, text=text)
-    return data_loss + reg, (plain, reg)
+  def objective(params, batch, tokens, rng):
+    embeds = nnx.merge(encoder_graphdef, params["encoder"]).embed_tokens(tokens["ids"])
+
+    def loss_of_embeds(e):
+      text = _live_text(encoder_graphdef, params["encoder"], tokens, norm, table, e)
+      data_loss, (_, reg) = hybrid_loss(params["hybrid"], batch, text=text)
+      return data_loss, reg
+
+    total, (reg, parts) = adversarial.regularized_loss(loss_of_embeds, embeds, adv, rng)
+    metrics = {"loss": parts["loss_clean"], "reg": reg}
+    if "loss_adversarial" in parts:
+      metrics["adversarial"] = parts["loss_adversarial"]
+    return total + reg, metrics
+
+  return objective
+
+
+def _make_step(objective, tx):
+  """The jitted update of (params, opt_state) on (batch, tokens of the re-encoded items, rng)."""
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, opt_state, batch, tokens):
-    (_, (plain, reg)), grads = jax.value_and_grad(total, has_aux=True)(params, batch, tokens)
-    metrics = {"loss": plain, "reg": reg}
-    if adv.method != "none":
-      encoder = nnx.merge(encoder_graphdef, params["encoder"])
-      embeds = encoder.embed_tokens(tokens["ids"])
-      zero = jnp.zeros_like(embeds, jnp.float32)
-      # FGM: the loss's gradient at the clean embeddings, scaled to eps per text.
-      g = jax.grad(lambda d: total(params, batch, tokens, d)[0])(zero)
-      delta = jax.lax.stop_gradient(adversarial.normalize(g, adv.eps))
-      adv_loss, adv_grads = jax.value_and_grad(
-          lambda p: total(p, batch, tokens, delta)[0])(params)
-      grads = jax.tree.map(lambda a, b: a + adv.weight * b, grads, adv_grads)
-      metrics["adversarial"] = adv_loss
+  def step(params, opt_state, batch, tokens, rng):
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, tokens, rng)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
 
   return step
 
 
+WARMUP_FRACTION = 0.05
+
+
 def _optimizer(ft, total_steps: int):
-  def schedule(peak):
-    return optax.warmup_cosine_decay_schedule(0.0, peak, max(1, total_steps // 20),
-                                              max(total_steps, 2), end_value=0.1 * peak)
-  return optax.multi_transform(
-      {"encoder": optax.adamw(schedule(ft.encoder_learning_rate), weight_decay=0.01),
-       "hybrid": optax.adam(schedule(ft.learning_rate))},
+  return optim.make_optimizer(
+      optim.OptimizerSettings({"encoder": optim.Group(ft.encoder_learning_rate, weight_decay=0.01),
+                               "hybrid": optim.Group(ft.learning_rate)}, total_steps,
+                              warmup_fraction=WARMUP_FRACTION),
       lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()})
 
 
@@ -146,7 +152,7 @@ def _served(config, data, text, settings, setup, hybrid_model, tuned_vectors, we
   fitted = FittedHybrid(hybrid_model, data, settings, setup.context, jnp.asarray(table),
                         setup.tables["profile"], setup.profile_rows, [],
                         {"items": setup.tables["tags"], "users": setup.tables["user_tags"]})
-  cf = served.fit_cf(data, config, text)
+  cf, _ = served.fit_cf(data, config, text)
   if weights is None:
     weights = served.tune_fusion(fitted, cf, data)
   return served.ServedModel(fitted, cf, weights)
@@ -242,15 +248,18 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   ids, mask = _tokens(hf.load_tokenizer(checkpoint_dir), data.item_texts,
                       config.data.item_max_length)
   tx = _optimizer(ft, ft.epochs * sum(setup.steps_per_epoch.values()))
-  params = {"encoder": encoder_params, "hybrid": hybrid_params}
-  opt_state = tx.init(params)
+  # One placement for the whole state: the frozen run's network may come back sharded over the
+  # mesh and the encoder on one device; the tune step runs replicated on every device.
+  on_every_device = sharding.replicated(sharding.create_mesh({"data": -1}))
+  params = jax.device_put({"encoder": encoder_params, "hybrid": hybrid_params}, on_every_device)
+  opt_state = jax.device_put(tx.init(params), on_every_device)
   steps = {}
   for d in setup.examples:
     lo, hi = int(data.offsets[d]), int(data.offsets[d + 1])
     loss = _loss_fn(hybrid_graphdef, setup.tables, settings, data.domains[d]["task"], lo, hi,
                     setup.num_train)
-    steps[d] = _make_step(loss, encoder_graphdef, tx, norm, setup.tables["text"],
-                          config.adversarial)
+    steps[d] = _make_step(_objective(loss, encoder_graphdef, norm, setup.tables["text"],
+                                     config.adversarial), tx)
 
   checkpointer = ckpt_lib.Checkpointer(workdir / SUBDIR / "checkpoints", keep=1,
                                        async_save=False)
@@ -260,17 +269,20 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     epoch0, saved = 0, {}
     if restored is not None:
       epoch0, state, _, saved = restored
-      params, opt_state = state["params"], state["opt_state"]
+      params, opt_state = jax.device_put((state["params"], state["opt_state"]), on_every_device)
       print(f"Resuming the tune mode after epoch {epoch0} from {checkpointer.directory}", flush=True)
     for epoch in range(epoch0, ft.epochs):
       rng = np.random.default_rng([config.seed, epoch])  # the same batches when resumed
+      # pgd's random starts: one key per (epoch, batch), so a resumed run draws the same ones.
+      adv_key = jax.random.fold_in(jax.random.key(config.seed), epoch)
       sums = {}
-      for d, batch in epoch_batches(data, setup, settings, rng):
+      for k, (d, batch) in enumerate(epoch_batches(data, setup, settings, rng)):
         rows = _refresh_rows(batch, data.num_items, ft.refresh_items)
         safe = np.minimum(rows, data.num_items - 1)
         tokens = {"rows": rows, "ids": ids[safe],
                   "mask": mask[safe] * (rows < data.num_items)[:, None]}
-        params, opt_state, metrics = steps[d](params, opt_state, batch, tokens)
+        params, opt_state, metrics = steps[d](params, opt_state, batch, tokens,
+                                              jax.random.fold_in(adv_key, k))
         for key, value in metrics.items():
           sums.setdefault(f"{data.names[d]}/{key}", []).append(value)
       entry = {k: float(np.mean(jax.device_get(v))) for k, v in sums.items()}

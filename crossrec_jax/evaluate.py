@@ -63,7 +63,7 @@ def _evaluate_hybrid(workdir, config, secret, split):
   if not data.mask((split,)).any():
     raise UsageError(f"--split {split!r} has no rows in the data set; it has "
                      f"{sorted(set(data.split.tolist()) - {'history'})}")
-  results = served.evaluate(model, data, split)
+  results = served.evaluate(model, data, split, config)
   print(f"[step {step}] {split} metrics (ours vs baseline):\n{format_table(results)}")
   return results
 

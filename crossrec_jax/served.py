@@ -118,18 +118,16 @@ def tune_fusion(model: FittedHybrid, cf, data: InteractionData) -> dict[int, dic
   return weights
 
 
-def evaluate(model: ServedModel, data: InteractionData, split: str, k: int = 10
+def evaluate(model: ServedModel, data: InteractionData, split: str, config=None
              ) -> dict[str, dict[str, float]]:
   """Per domain: ours (fused where fused) next to the baseline rows, with the slices and
-  protocols of ``evaluation.evaluate_model`` (``config.eval``'s defaults, ``k`` among the K)."""
-  from crossrec_jax import config_defaults, evaluation  # pylint: disable=import-outside-toplevel
-  config = config_defaults.base_config()
-  config.eval.ks = tuple(sorted({k, *config.eval.ks}))
+  protocols of ``evaluation.evaluate_model`` (``config.eval``; None: its defaults)."""
+  from crossrec_jax import evaluation  # pylint: disable=import-outside-toplevel
   return evaluation.evaluate_model(model, data, split, config)
 
 
 def evaluate_and_report(model: ServedModel, data: InteractionData, step: int, workdir,
-                        label: str) -> dict[str, dict[str, float]]:
+                        label: str, config=None) -> dict[str, dict[str, float]]:
   """valid then test (where the data has them), each written to ``workdir``'s metrics and
   printed; returns the last one's metrics."""
   from crossrec_jax.evaluation import format_table  # pylint: disable=import-outside-toplevel
@@ -138,7 +136,7 @@ def evaluate_and_report(model: ServedModel, data: InteractionData, step: int, wo
     for split in ("valid", "test"):
       if not data.mask((split,)).any():
         continue
-      results = evaluate(model, data, split)
+      results = evaluate(model, data, split, config)
       writer.write_scalars(step, metric_writers.flatten(results, f"{split}/"))
       if jax.process_index() == 0:
         print(f"\n[{label}] {split} metrics (ours vs baseline):\n{format_table(results)}")
@@ -229,7 +227,8 @@ def train_and_evaluate(config, workdir, progress_marker=None) -> dict[str, Any]:
       writer = metric_writers.create_default_writer(workdir)
 
       def network_metrics(state, step):
-        results = evaluate(ServedModel(trainer.fitted(state.params), {}, {}), data, eval_split)
+        results = evaluate(ServedModel(trainer.fitted(state.params), {}, {}), data, eval_split,
+                           config)
         writer.write_scalars(step, metric_writers.flatten(results, f"{eval_split}/"))
         if jax.process_index() == 0:
           from crossrec_jax.evaluation import format_table  # pylint: disable=import-outside-toplevel
@@ -265,7 +264,7 @@ def train_and_evaluate(config, workdir, progress_marker=None) -> dict[str, Any]:
   finally:
     checkpointer.close()
   model = ServedModel(hybrid, cf, weights)
-  results = evaluate_and_report(model, data, step, workdir, "frozen")
+  results = evaluate_and_report(model, data, step, workdir, "frozen", config)
   if weights:
     print("fusion weights (tuned on valid): " + ", ".join(
         f"{data.names[d]} {w}" for d, w in weights.items()))

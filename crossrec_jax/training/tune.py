@@ -311,5 +311,5 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
           "fusion_weights": {str(d): w for d, w in model.weights.items()}})
   finally:
     checkpointer.close()
-  results = served.evaluate_and_report(model, data, step, workdir / SUBDIR, "tune")
+  results = served.evaluate_and_report(model, data, step, workdir / SUBDIR, "tune", config)
   return {"step": step, "metrics": results, "model": model}

@@ -1,13 +1,13 @@
 """Bulk scoring throughput vs. the per-pair cross-encoder baseline, measured in the same run.
 
-The bulk path (crossrec_jax.score.Scorer) encodes every distinct user and item once and scores
-pairs from the cached vectors; the baseline ("seed approach") runs one BERT forward over the
+The bulk path (crossrec_jax.serving.end_to_end.EndToEndModel) encodes every distinct user and
+item once and scores pairs from the cached vectors; the baseline ("seed approach") runs one BERT forward over the
 concatenated user profile + item text for every pair. Both use the same encoder size, sequence
 lengths, batch size and device.
 
 python benchmarks/bench_score.py                       # MiniLM-L6 shape, CPU-sized defaults
 python benchmarks/bench_score.py --bert base --users 20000 --items 20000 --pairs 2000000   # GPU
-python benchmarks/bench_score.py --checkpoint runs/demo   # a trained workdir
+python benchmarks/bench_score.py --checkpoint RUN   # a trained end-to-end workdir
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from crossrec_jax.data import synthetic
 from crossrec_jax.data.processing import ProcessingConfig, user_profile
 from crossrec_jax.models import testing
 from crossrec_jax.models import BertConfig, CrossDomainRecommender, DomainSpec, RecommenderConfig, hf
-from crossrec_jax.score import Scorer
+from crossrec_jax.serving.end_to_end import EndToEndModel
+from crossrec_jax.serving.scorer import Scorer
 
 BERTS = testing.BERT_SIZES
 
@@ -48,7 +49,10 @@ def _texts(num_users, num_items, seed=0):
 
 def _scorer(args, devices):
   if args.checkpoint:
-    return Scorer.from_checkpoint(args.checkpoint, batch_size=args.batch_size, devices=devices)
+    scorer = Scorer.from_checkpoint(args.checkpoint, batch_size=args.batch_size, devices=devices)
+    if scorer.mode != "end_to_end":  # the bulk encoders timed here are the two-tower model's
+      raise SystemExit(f"--checkpoint {args.checkpoint}: a {scorer.mode}-mode run; pass an end-to-end run")
+    return scorer.model
   tokenizer = hf.load_tokenizer(hf.DEFAULT_CHECKPOINT) if not args.vocab_dir else hf.load_tokenizer(args.vocab_dir)
   bert = BertConfig(vocab_size=len(tokenizer), **BERTS[args.bert])
   domains = (DomainSpec("books", "rating", 1, 5), DomainSpec("movies", "rating", 1, 5),
@@ -62,7 +66,7 @@ def _scorer(args, devices):
   graphdef, params = nnx.split(model, nnx.Param)
   mesh = sharding.create_mesh({"data": -1}, devices)
   params = jax.device_put(nnx.to_pure_dict(params), sharding.replicated(mesh))
-  return Scorer(graphdef, params, model.config, config, tokenizer, mesh, batch_size=args.batch_size)
+  return EndToEndModel(graphdef, params, model.config, config, tokenizer, mesh, batch_size=args.batch_size)
 
 
 def _timed(fn, *a):
@@ -73,7 +77,7 @@ def _timed(fn, *a):
   return out, time.perf_counter() - t
 
 
-def cross_encoder_pairs_per_second(scorer: Scorer, users, items, n_pairs, batch_size):
+def cross_encoder_pairs_per_second(scorer: EndToEndModel, users, items, n_pairs, batch_size):
   """The seed approach: BERT over [CLS] profile [SEP] item [SEP] for each pair, then a head."""
   encoder = nnx.merge(scorer.graphdef, scorer.params).encoder
   g, p = nnx.split(encoder)

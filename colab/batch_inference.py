@@ -19,8 +19,9 @@
 # %% [markdown]
 # # Batch inference from a checkpoint
 #
-# Load a training workdir, encode every distinct user and item once, and write Parquet: scores
-# for given pairs, and the top-K items per user and domain.
+# Load a training workdir of any encoder mode (frozen, the default; tune; end_to_end) and write
+# Parquet: scores for given pairs, and the top-K items per user and domain. Then the same from
+# Python, with an item that was never in training.
 
 # %%
 # Parameters. On Colab set INSTALL = True (and REPO to where the repository lives).
@@ -48,7 +49,8 @@ if not CHECKPOINT:  # no trained run given: train a small one first
     spec = importlib.util.spec_from_file_location("cfg", root / "configs" / ("tiny.py" if SMALL else "demo.py"))
     module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
     config = module.get_config()
-    config.encoder_mode = "end_to_end"  # the batch scorer below encodes with the fine-tuned encoder
+    config.encoder_mode = "frozen"  # the demo's default (configs/tiny.py is end-to-end)
+    config.train_steps = 0          # the mode's own length
     if DATA_DIR:
         config.data.data_dir = DATA_DIR
     train_and_evaluate(config, WORKDIR)
@@ -80,3 +82,27 @@ print(pq.read_table(inputs / "pairs.parquet").slice(0, 5).to_pylist())
 # %% [markdown]
 # The same from a shell: `python -m crossrec_jax.score --checkpoint RUN --users users.csv
 # --items items.csv --output top5.parquet --top_k 5`.
+#
+# ## From Python, with a new item
+# `Scorer.from_checkpoint` reads the run's encoder mode from its checkpoint and loads it.
+# Users come as their histories, items as the items table: an item never seen in training
+# (text only) is scored from its text with no retraining (the run's encoder, the network's
+# text projection, text-kNN), here a copy of a song one user listened to, under a new ID.
+
+# %%
+import dataclasses
+from crossrec_jax.data import records
+from crossrec_jax.serving.scorer import Scorer
+scorer = Scorer.from_checkpoint(CHECKPOINT)
+print("encoder mode:", scorer.mode, "| step:", scorer.step)
+items = records.read_items(inputs / "items.csv")
+history = records.read_interactions(inputs / "interactions.csv")
+user = sorted({x.user_id for x in history if x.domain == "music"})[0]
+mine = [x for x in history if x.user_id == user]
+liked = next(x.item_id for x in mine if x.domain == "music")
+items[("music", "new-0001")] = dataclasses.replace(items[("music", liked)], item_id="new-0001")
+print(user, "listened to", liked, "=", items[("music", liked)].text)
+for chunk in scorer.recommend(mine, items, 5, domains=["music"]):
+    for rank, item, score in zip(chunk["rank"], chunk["item_id"], chunk["score"]):
+        print(f"  {rank}. {item:<10} {score:7.3f}  {items[('music', item)].text}")
+print(next(iter(scorer.score(mine, items, [(user, "new-0001", "music")]))))

@@ -29,7 +29,7 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
                           resources={"metadata": {"path": str(tmp_path)}}).execute()
   text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
   if name == "quickstart":
-    assert "mesh:" in text and "PROFILE:" in text and "baseline" in text
+    assert "mesh:" in text and "TOP-5 music" in text and "popularity" in text
   else:
     assert "'rows':" in text
 

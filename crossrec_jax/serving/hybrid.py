@@ -274,7 +274,7 @@ class HybridModel:
             shape=(len(batch), new.count(d)))], format="csr"))
         top_scores, top = ranking.streamed_top_k(lambda a, b: scores[:, a:b], scores.shape[1],
                                                  exclude, k=min(k, scores.shape[1]))
-        ids = list(self.data.item_ids[d]) + new.ids.get(d, [])
+        ids = [str(i) for i in self.data.item_ids[d]] + new.ids.get(d, [])
         for n, person in enumerate(part):
           for rank, (j, s) in enumerate(zip(top[n], top_scores[n])):
             if j < 0:

@@ -129,3 +129,27 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_exits_143(tmp_pa
   assert saved[0] == saved[1], saved
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [saved[0]]
+
+
+FROZEN = ("--config.encoder_mode=frozen", "--config.train_steps=0", "--config.hybrid.epochs=4",
+          "--config.checkpoint_every=0")
+
+
+def test_two_process_frozen_run_resumes_and_matches_one_process(tmp_path):
+  """The frozen mode through the same loop: 2 processes x 4 devices stop after 5 steps
+  (mid-epoch, saved jointly with the batch iterator's state), resume, and log the losses one
+  8-device process logs."""
+  data_dir, multi = tmp_path / "tfds", tmp_path / "multi"
+  first = _run_two_processes(multi, data_dir, tmp_path, *FROZEN, "--config.steps_per_run=5")
+  assert "saved step 5" in first[0], first[0][-3000:]
+  second = _run_two_processes(multi, data_dir, tmp_path, *FROZEN)
+  assert "Restored the frozen-mode model from" in second[0] and "test metrics" in second[0]
+  single = tmp_path / "single"
+  out = subprocess.run(_command(single, data_dir, *FROZEN), env=_env(8), capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-4000:]
+  losses_multi, losses_single = _train_losses(multi), _train_losses(single)
+  print(f"\n[multi-host frozen] 2 x 4 devices: {losses_multi}\n[multi-host frozen] 1 x 8: {losses_single}")
+  assert sorted(losses_multi) == sorted(losses_single) and len(losses_single) >= 10
+  np.testing.assert_allclose([losses_multi[s] for s in sorted(losses_single)],
+                             [losses_single[s] for s in sorted(losses_single)], rtol=1e-5)

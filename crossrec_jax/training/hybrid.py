@@ -397,6 +397,10 @@ class HybridTrainer:
     return out
 
   def fitted(self, params, log=()) -> FittedHybrid:
+    """The trained network for evaluation and serving, on this process (every process of a
+    multi-host run holds the whole model: its parameters are gathered)."""
+    if jax.process_count() > 1:
+      params = jax.tree.map(sharding.to_host, params)
     model = nnx.merge(self.graphdef, params)
     t = self.setup.tables
     return FittedHybrid(model, self.data, self.settings, self.setup.context, t["text"],

@@ -141,11 +141,38 @@ def test_gs_workdir_stays_a_bucket_url_in_frozen_and_tune(monkeypatch, tmp_path)
   monkeypatch.setattr(served, "resolve_model_checkpoint", model_checkpoint)
   monkeypatch.setattr(served, "HybridSettings",
                       types.SimpleNamespace(from_config=lambda config, data: Settings()))
-  monkeypatch.setattr(served, "fit_hybrid", lambda *a, **k: types.SimpleNamespace(
-      model=nnx.Linear(1, 1, rngs=nnx.Rngs(0))))
+  class FakeTrainer:  # the hybrid trainer and the loop: what train_and_evaluate asks of them
+    total_steps = 1
+
+    def batches(self):
+      return types.SimpleNamespace(get_state=lambda: b"{}", set_state=lambda state: None)
+
+    def abstract_state(self):
+      return types.SimpleNamespace(params={"w": np.zeros(1, np.float32)})
+
+    init_state = abstract_state
+
+    def schedule(self, step):
+      return 0.0
+
+    def step(self, state, batch):
+      return state, {}
+
+    def fitted(self, params):
+      return types.SimpleNamespace()
+
+  data.mask = lambda splits: np.zeros(1, bool)
+  monkeypatch.setattr(served, "trainer_for", lambda *a, **k: FakeTrainer())
+  monkeypatch.setattr(served.loop, "run_loop", lambda settings, state, *a, **k:
+                      served.loop.LoopResult(state, 1, finished=True))
   monkeypatch.setattr(served, "evaluate_and_report",
-                      lambda model, data, step, workdir, label: calls["metrics"].append(str(workdir)))
-  config = ml_collections.ConfigDict({"data": {"item_max_length": 8}})
+                      lambda model, data, step, workdir, label, config=None:
+                      calls["metrics"].append(str(workdir)))
+  config = ml_collections.ConfigDict({
+      "data": {"item_max_length": 8, "eval_split": "valid"}, "text_cache": "",
+      "keep_checkpoints": 1, "best_metric": "", "best_mode": "max", "async_checkpointing": False,
+      "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "steps_per_run": 0,
+      "early_stopping_patience": 0})
 
   ops = ("open", "copy", "rename", "exists", "glob", "walk", "isdir", "listdir", "makedirs",
          "mkdir", "remove", "replace", "rmtree", "stat")
@@ -274,3 +301,18 @@ def test_tune_step_updates_with_pgd_under_jit():
   assert set(metrics) == {"loss", "reg", "adversarial"}
   assert np.isfinite(float(metrics["adversarial"]))
   assert not np.array_equal(np.asarray(state[0]["hybrid"]["w"]), before)
+
+
+def test_nan_loss_in_tune_mode_stops_without_a_tune_checkpoint(tmp_path):
+  """As in every mode: a non-finite loss raises NonFiniteLossError (the CLI exits 3) and the
+  tune mode writes no checkpoint of it."""
+  from crossrec_jax import errors  # pylint: disable=import-outside-toplevel
+  from test_train import load_config  # pylint: disable=import-outside-toplevel
+  config = load_config("tiny", **{
+      "encoder_mode": "tune", "data.data_dir": str(tmp_path / "tfds"), "tune.epochs": 2,
+      "tune.batch_size": 64, "tune.refresh_items": 16, "tune.learning_rate": 1e30,
+      "tune.encoder_learning_rate": 1e30})
+  with pytest.raises(errors.NonFiniteLossError, match="tune: non-finite loss in epoch 1"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  tuned = tmp_path / "run" / "tune" / "checkpoints"
+  assert not tuned.exists() or not [p for p in tuned.iterdir() if p.name.isdigit()]

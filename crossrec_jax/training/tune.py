@@ -32,7 +32,7 @@ import optax
 from etils import epath
 from flax import nnx
 
-from crossrec_jax import served, sharding, text_cache
+from crossrec_jax import errors, served, sharding, text_cache
 from crossrec_jax.training import adversarial, optim
 from crossrec_jax import checkpoint as ckpt_lib
 from crossrec_jax.training.inputs import apply_standardizer, standardizer
@@ -289,7 +289,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
       print(f"  tune epoch {epoch + 1}/{ft.epochs} " + " ".join(
           f"{k} {v:.4g}" for k, v in entry.items()), flush=True)
       if not all(np.isfinite(v) for v in entry.values()):
-        raise FloatingPointError(
+        raise errors.NonFiniteLossError(  # the CLI exits 3, as in every mode
             f"tune: non-finite loss in epoch {epoch + 1} ({entry}); not checkpointed. Lower "
             "tune.encoder_learning_rate / tune.learning_rate.")
       if epoch + 1 < ft.epochs:  # the last epoch is saved below, with what serving needs

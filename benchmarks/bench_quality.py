@@ -41,7 +41,7 @@ import scipy.sparse as sp
 
 from crossrec_jax import cli, errors
 from crossrec_jax import baselines as bl
-from crossrec_jax import config_defaults, evaluation, fusion, metrics, served, text_cache, train
+from crossrec_jax import config_defaults, evaluation, fusion, metrics, text_cache, train
 from crossrec_jax.data import from_config
 from crossrec_jax.training.hybrid import fit_hybrid
 from crossrec_jax.training.inputs import HybridSettings
@@ -207,28 +207,34 @@ def ranking_section(data: InteractionData, text, args, results: Results, names, 
       scores_valid[method] = {d: model.score_catalog(valid[d], d) for d in implicit}
 
   add("popularity", bl.Popularity().fit(data))
+  cf = served_model.cf if served_model is not None else {}  # the served run's own components
   with _timed("item-kNN (tuned per domain on valid)"):
-    cooc = bl.ItemCooccurrence.from_data(data)
-    grid = [{"k": kk, "shrink": s} for kk in args.knn_k for s in args.knn_shrink]
-    knn = {}
-    for d in implicit:
-      if valid is not None:
-        best, _ = bl.tune(lambda **p: bl.ItemKNN(**p, cooccurrence=cooc), grid, data, valid[d],
-                          bl.ranking_metric(data, d, f"ndcg@{k}"))
-      else:
+    if "item_knn" in cf:
+      knn = cf["item_knn"].models
+    else:
+      cooc = bl.ItemCooccurrence.from_data(data)
+      grid = [{"k": kk, "shrink": s} for kk in args.knn_k for s in args.knn_shrink]
+      knn = {}
+      for d in implicit:
         best = {"k": 100, "shrink": 20.0}
-      print(f"    {names[d]}: {best}", flush=True)
-      knn[d] = bl.ItemKNN(**best, cooccurrence=cooc).fit(data)
+        if valid is not None:
+          best, _ = bl.tune(lambda **p: bl.ItemKNN(**p, cooccurrence=cooc), grid, data, valid[d],
+                            bl.ranking_metric(data, d, f"ndcg@{k}"))
+        knn[d] = bl.ItemKNN(**best, cooccurrence=cooc).fit(data)
+    for d in implicit:
+      print(f"    {names[d]}: k {knn[d].k}, shrink {knn[d].shrink}", flush=True)
     scores_test["item-kNN"] = {d: knn[d].score_catalog(test[d], d) for d in implicit} | {"ours": False}
     if valid is not None:
       scores_valid["item-kNN"] = {d: knn[d].score_catalog(valid[d], d) for d in implicit}
   with _timed(f"EASE (lambda {args.ease_lambda:g})"):
-    add("EASE", bl.EASE(lam=args.ease_lambda, domains=implicit).fit(data), need_valid=True)
+    add("EASE", cf.get("ease") or bl.EASE(lam=args.ease_lambda, domains=implicit).fit(data),
+        need_valid=True)
   with _timed("BPR (ID only)"):
     add("BPR (ID only)", bl.BPR(seed=args.seed).fit(data))
   if text is not None:
     with _timed("text-kNN (content-based, frozen text vectors)"):
-      add(TEXT_KNN, bl.TextKNN(text, k=args.text_knn_k).fit(data), need_valid=True)
+      add(TEXT_KNN, cf.get("text_knn") or bl.TextKNN(text, k=args.text_knn_k).fit(data),
+          need_valid=True)
 
   if not args.skip_model:
     neural = "ours, neural alone (text + ID + history)"
@@ -454,8 +460,7 @@ def main(argv=None):
     # Our model: the library's one training path, as `python -m crossrec_jax.train` runs it.
     workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="bench_quality_"))
     with _timed(f"ours: train.train_and_evaluate (frozen encoder mode) in {workdir}"):
-      train.train_and_evaluate(config, workdir)
-      served_model = served.load(workdir, config)[0]
+      served_model = train.train_and_evaluate(config, workdir)["model"]
     t = time.time()
     text = text_cache.cached_vectors(args.model, data.item_texts, args.item_max_length,
                                      cache_dir=args.text_cache or None)

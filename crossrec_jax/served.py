@@ -268,4 +268,4 @@ def train_and_evaluate(config, workdir, progress_marker=None) -> dict[str, Any]:
   if weights:
     print("fusion weights (tuned on valid): " + ", ".join(
         f"{data.names[d]} {w}" for d, w in weights.items()))
-  return {"step": step, "metrics": results}
+  return {"step": step, "metrics": results, "model": model}

@@ -20,4 +20,5 @@ def get_config():
   config.eval.sampled_negatives = 999   # also the sampled protocol papers report
   config.eval_every = 0
   config.checkpoint_every = 200
+  config.best_metric = "office/ndcg@10"  # the checkpoint kept as best (with eval_every > 0)
   return config

@@ -21,4 +21,5 @@ def get_config():
   config.data.item_max_length = 32      # tokens per item text for the frozen vectors
   config.eval_every = 0                 # full-batch epochs: evaluated once, at the end
   config.checkpoint_every = 100
+  config.best_metric = "movies/rmse"
   return config

@@ -348,10 +348,11 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
           for k in ks) + f" {'AUC':>7}")
     for i, row in enumerate(_rows_of(m, ks[0])):
       p = "" if row == OURS else f"{row}_"
-      cells = "".join(f" {m[f'{p}hr@{k}']:7.4f} {m[f'{p}ndcg@{k}']:8.4f} "
-                      f"{m[f'{p}recall@{k}']:7.4f} {m[f'{p}mrr@{k}']:7.4f}" for k in ks)
+      get = lambda key: m.get(key, float("nan"))  # a metric a row lacks prints as nan
+      cells = "".join(f" {get(f'{p}hr@{k}'):7.4f} {get(f'{p}ndcg@{k}'):8.4f} "
+                      f"{get(f'{p}recall@{k}'):7.4f} {get(f'{p}mrr@{k}'):7.4f}" for k in ks)
       head = f"{name:<{_NAME}} {m['n']:<8}" if i == 0 else " " * (_NAME + 9)
-      lines.append(f"  {head} {ROW_LABELS.get(row, row):<12}{cells} {m[p + 'auc']:7.4f}")
+      lines.append(f"  {head} {ROW_LABELS.get(row, row):<12}{cells} {m.get(p + 'auc', float('nan')):7.4f}")
   return "\n".join(lines)
 
 

@@ -26,6 +26,8 @@ from etils import epath
 
 from crossrec_jax import baselines as bl
 from crossrec_jax import checkpoint as ckpt_lib
+from crossrec_jax import config_check
+from crossrec_jax import data as data_lib
 from crossrec_jax import fusion, metric_writers, sharding, text_cache
 from crossrec_jax.training import loop
 from crossrec_jax.training.hybrid import FittedHybrid, build_trainer
@@ -146,7 +148,10 @@ def evaluate_and_report(model: ServedModel, data: InteractionData, step: int, wo
 def _inputs(config, workdir: epath.Path, secret=None):
   """The data, cached item text vectors, settings and checkpoint description of a run."""
   secret = secret or resolve_link_secret(config)
-  data = InteractionData.from_builder(prepare_data(config, secret))
+  builder = prepare_data(config, secret)
+  if config.get("best_metric"):  # the data's domains are known now: before anything is written
+    config_check.check_best_metric(config.best_metric, data_lib.metadata(builder)["domains"])
+  data = InteractionData.from_builder(builder)
   # The encoder loads from a local directory (transformers / safetensors read local files only):
   # "generated:tiny" writes its checkpoint under the workdir, so it needs a local workdir; a
   # bucket workdir uses a local or hub checkpoint. The text cache itself may be in the bucket.
@@ -205,8 +210,8 @@ def load(workdir, config, secret=None) -> tuple[ServedModel, InteractionData, in
 
 def train_and_evaluate(config, workdir, progress_marker=None) -> dict[str, Any]:
   workdir = epath.Path(workdir)  # gs://bucket/run stays intact (pathlib: gs:/bucket/run)
-  workdir.mkdir(parents=True, exist_ok=True)
   data, text, settings, meta = _inputs(config, workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   trainer = trainer_for(config, data, text, settings)
   checkpointer = ckpt_lib.Checkpointer.from_config(config, workdir / "checkpoints")
   batches = trainer.batches()

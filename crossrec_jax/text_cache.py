@@ -94,7 +94,9 @@ class TextEncoder:
     self.encoder = encoder if encoder is not None else hf.load_bert(self.directory)
     self.tokenizer = hf.load_tokenizer(self.directory)
     self.dim = self.encoder.config.hidden_size
-    devices = np.asarray(devices if devices is not None else jax.devices())
+    # This process's devices: every host of a multi-host run encodes (and caches) the whole
+    # catalog itself, so the vectors are plain local arrays on each.
+    devices = np.asarray(devices if devices is not None else jax.local_devices())
     self.mesh = Mesh(devices.reshape(-1), ("data",))
     self.batch_size = _pad_to(batch_size, devices.size)
     graphdef, params = nnx.split(self.encoder)

@@ -296,10 +296,10 @@ class HybridBatches(loop.ResumableIterator):
   one would. ``put`` places a host batch on the devices."""
 
   def __init__(self, data: InteractionData, setup: TrainingSetup, settings: HybridSettings,
-               put: Callable[[dict], dict] | None = None):
+               put: Callable[[dict], dict] | None = None, rng=None):
     self.data, self.setup, self.settings = data, setup, settings
     self.put = put or jax.device_put
-    self.rng = np.random.default_rng(settings.seed)
+    self.rng = rng if rng is not None else np.random.default_rng(settings.seed)
     self.cache = {}  # a full-batch domain's batch does not change between epochs: kept on device
     self._start_epoch(0)
 
@@ -518,13 +518,9 @@ def _make_step(loss, tx, s: HybridSettings, num_item_vectors: int, shardings_: T
                  out_shardings=(shardings_, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
-def epoch_batches(data: InteractionData, setup: TrainingSetup, settings: HybridSettings, rng,
-                  cache: dict | None = None):
+def epoch_batches(data: InteractionData, setup: TrainingSetup, settings: HybridSettings, rng):
   """(domain, host-placed batch) for one epoch of ``rng``'s draws (the tune mode's epochs)."""
-  del cache
-  batches = HybridBatches(data, setup, settings)
-  batches.rng = rng
-  batches._start_epoch(0)  # pylint: disable=protected-access
+  batches = HybridBatches(data, setup, settings, rng=rng)
   for _ in range(len(batches.schedule)):
     d, batch, _ = next(batches)
     yield d, batch

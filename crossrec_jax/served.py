@@ -145,6 +145,23 @@ def evaluate_and_report(model: ServedModel, data: InteractionData, step: int, wo
   return results
 
 
+def network_evaluator(config, data: InteractionData, writer, fitted_of):
+  """The loop's mid-run evaluation: the network alone (no fusion) on the eval split, written and
+  printed; ``fitted_of(state)`` gives the network of a train state."""
+  split = config.data.eval_split if data.mask((config.data.eval_split,)).any() else "test"
+
+  def network_metrics(state, step):
+    results = evaluate(ServedModel(fitted_of(state), {}, {}), data, split, config)
+    writer.write_scalars(step, metric_writers.flatten(results, f"{split}/"))
+    if jax.process_index() == 0:
+      from crossrec_jax.evaluation import format_table  # pylint: disable=import-outside-toplevel
+      print(f"\n[step {step}] {split} metrics of the network (ours vs baseline):\n"
+            f"{format_table(results)}")
+    return results
+
+  return network_metrics
+
+
 def _inputs(config, workdir: epath.Path, secret=None):
   """The data, cached item text vectors, settings and checkpoint description of a run."""
   secret = secret or resolve_link_secret(config)
@@ -228,18 +245,7 @@ def train_and_evaluate(config, workdir, progress_marker=None) -> dict[str, Any]:
     else:
       step, state, knn = 0, trainer.init_state(), None
     if weights is None:  # not finished: train (on from the restored step)
-      eval_split = config.data.eval_split if data.mask((config.data.eval_split,)).any() else "test"
       writer = metric_writers.create_default_writer(workdir)
-
-      def network_metrics(state, step):
-        results = evaluate(ServedModel(trainer.fitted(state.params), {}, {}), data, eval_split,
-                           config)
-        writer.write_scalars(step, metric_writers.flatten(results, f"{eval_split}/"))
-        if jax.process_index() == 0:
-          from crossrec_jax.evaluation import format_table  # pylint: disable=import-outside-toplevel
-          print(f"\n[step {step}] {eval_split} metrics of the network (ours vs baseline):\n"
-                f"{format_table(results)}")
-        return results
 
       def mark(step):
         if progress_marker is not None:
@@ -248,7 +254,9 @@ def train_and_evaluate(config, workdir, progress_marker=None) -> dict[str, Any]:
       try:
         result = loop.run_loop(
             loop.LoopSettings.from_config(config, trainer.total_steps), state, trainer.step,
-            batches, start=step, checkpointer=checkpointer, meta=meta, evaluate=network_metrics,
+            batches, start=step, checkpointer=checkpointer, meta=meta,
+            evaluate=network_evaluator(config, data, writer,
+                                       lambda state: trainer.fitted(state.params)),
             writer=writer, examples=lambda batch: batch[2], learning_rate=trainer.schedule,
             on_step=mark, show_progress=jax.process_index() == 0)
       finally:

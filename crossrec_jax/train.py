@@ -38,7 +38,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     if config.encoder_mode == "frozen":
       return served.train_and_evaluate(config, workdir, progress)
     if config.encoder_mode == "tune":
-      return tune.train_and_evaluate(config, workdir)
+      return tune.train_and_evaluate(config, workdir, progress)
     return _train_end_to_end(config, workdir, progress)
 
 

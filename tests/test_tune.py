@@ -1,6 +1,7 @@
 """The tune mode (``config.encoder_mode = "tune"``): the encoder trained under the frozen mode's
 hybrid model, with the one adversarial objective (fgm / pgd) on the re-encoded texts."""
 
+import functools
 import json
 
 import numpy as np
@@ -48,8 +49,10 @@ def test_tune_starts_from_frozen_then_tunes_resumes_and_serves(tmp_path, capsys)
   assert all(np.isfinite(v) for m in tuned["metrics"].values() for v in m.values())
   capsys.readouterr()
   longer = train.train_and_evaluate(config(2), run)
-  assert "Resuming the tune mode after epoch 1" in capsys.readouterr().out
-  assert [p.name for p in (run / "tune" / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]
+  assert f"Resuming the tune mode at step {tuned['step']}" in capsys.readouterr().out
+  assert longer["step"] == 2 * tuned["step"] > 0
+  saved = sorted(int(p.name) for p in (run / "tune" / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved[-1] == longer["step"], saved
   assert _records(run / "tune" / "metrics.jsonl")[-1] == longer["metrics"]
 
   # evaluate and score serve the tune-mode model of the workdir, exactly as it was evaluated.
@@ -72,7 +75,6 @@ def test_gs_workdir_stays_a_bucket_url_in_frozen_and_tune(monkeypatch, tmp_path)
   import pytest
   from etils import epath
   from etils.epath import testing as epath_testing
-  from flax import nnx
 
   from crossrec_jax import checkpoint as ckpt_lib, served, text_cache
 
@@ -224,7 +226,8 @@ def _tune_parts(method, weight=0.5, eps=0.5):
   tokens = {"rows": rows, "ids": rng.integers(5, 40, (3, 6)).astype(np.int32), "mask": mask}
   batch = {"item": np.array([0, 2, 1], np.int32), "label": np.array([1.0, -1.0, 0.5], np.float32)}
 
-  def hybrid_loss(p, batch, text):
+  def hybrid_loss(p, batch, text, tables):
+    del tables
     data_loss = jnp.mean(jnp.square(text[batch["item"]] @ p["w"] - batch["label"]))
     reg = 0.01 * jnp.sum(p["w"] ** 2)
     return data_loss, (data_loss, reg)
@@ -232,7 +235,8 @@ def _tune_parts(method, weight=0.5, eps=0.5):
   params = {"encoder": encoder_params, "hybrid": {"w": jnp.asarray(rng.normal(size=16), jnp.float32)}}
   adv = ml_collections.ConfigDict(dict(method=method, eps=eps, weight=weight, step_size=0.3,
                                        steps=3, noise=1e-3))
-  objective = tune._objective(hybrid_loss, graphdef, norm, table, adv)  # pylint: disable=protected-access
+  objective = tune._objective(hybrid_loss, graphdef, norm, adv)  # pylint: disable=protected-access
+  objective = functools.partial(objective, tables={"text": table})
   return objective, params, batch, tokens, jax.random.key(3), (hybrid_loss, graphdef, norm, table)
 
 
@@ -258,7 +262,7 @@ def test_tune_fgm_gradient_is_that_of_loss_plus_w_times_the_adversarial_loss():
 
   def data_loss(p, e):
     text = tune._live_text(graphdef, p["encoder"], tokens, norm, table, e)  # pylint: disable=protected-access
-    return hybrid_loss(p["hybrid"], batch, text)
+    return hybrid_loss(p["hybrid"], batch, text, None)
 
   embeds_of = lambda p: nnx.merge(graphdef, p["encoder"]).embed_tokens(tokens["ids"])
   r = adversarial.fgm_perturbation(lambda e: (data_loss(params, e)[0], None), embeds_of(params), 0.5)
@@ -290,17 +294,21 @@ def test_tune_pgd_is_not_fgm():
 
 def test_tune_step_updates_with_pgd_under_jit():
   import jax  # pylint: disable=import-outside-toplevel
-  objective, params, batch, tokens, key, _ = _tune_parts("pgd")
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.training.steps import TrainState  # pylint: disable=import-outside-toplevel
+  objective, params, batch, tokens, key, (_, _, _, table) = _tune_parts("pgd")
   ft = type("Tune", (), {"learning_rate": 1e-2, "encoder_learning_rate": 1e-3})
   tx = tune._optimizer(ft, 10)  # pylint: disable=protected-access
-  step = tune._make_step(objective, tx)  # pylint: disable=protected-access
+  step = tune._make_step(lambda p, b, t, k, tables: objective(p, b, t, k), tx)  # pylint: disable=protected-access
   before = np.asarray(params["hybrid"]["w"]).copy()
-  state = (jax.tree.map(lambda x: x.copy(), params), tx.init(params))
-  for k in range(2):  # step 0 is the warmup's first (learning rate 0)
-    *state, metrics = step(*state, batch, tokens, jax.random.fold_in(key, k))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(lambda x: x.copy(), params),
+                     opt_state=tx.init(params), rng=jax.random.key_data(key))
+  for _ in range(2):  # step 0 is the warmup's first (learning rate 0)
+    state, metrics = step(state, batch, tokens, {"text": table})
+  assert int(state.step) == 2
   assert set(metrics) == {"loss", "reg", "adversarial"}
   assert np.isfinite(float(metrics["adversarial"]))
-  assert not np.array_equal(np.asarray(state[0]["hybrid"]["w"]), before)
+  assert not np.array_equal(np.asarray(state.params["hybrid"]["w"]), before)
 
 
 def test_nan_loss_in_tune_mode_stops_without_a_tune_checkpoint(tmp_path):
@@ -312,7 +320,47 @@ def test_nan_loss_in_tune_mode_stops_without_a_tune_checkpoint(tmp_path):
       "encoder_mode": "tune", "data.data_dir": str(tmp_path / "tfds"), "tune.epochs": 2,
       "tune.batch_size": 64, "tune.refresh_items": 16, "tune.learning_rate": 1e30,
       "tune.encoder_learning_rate": 1e30})
-  with pytest.raises(errors.NonFiniteLossError, match="tune: non-finite loss in epoch 1"):
+  with pytest.raises(errors.NonFiniteLossError, match=r"loss is (nan|inf) at step \d+; stopping without"):
     train.train_and_evaluate(config, tmp_path / "run")
   tuned = tmp_path / "run" / "tune" / "checkpoints"
   assert not tuned.exists() or not [p for p in tuned.iterdir() if p.name.isdigit()]
+
+
+def test_sigterm_in_tune_mode_saves_and_exits_143_then_the_same_command_goes_on(tmp_path):
+  """The tune mode runs on the one loop: SIGTERM saves its state (with the batch iterator's) and
+  exits 143; the same command resumes from that step (here for steps_per_run more)."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  from crossrec_jax import errors  # pylint: disable=import-outside-toplevel
+  root = pathlib.Path(__file__).resolve().parents[1]
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "crossrec_jax.train", f"--config={root / 'configs' / 'tiny.py'}",
+         f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+         "--config.encoder_mode=tune", "--config.tune.epochs=500", "--config.tune.batch_size=64",
+         "--config.tune.refresh_items=16", "--config.checkpoint_every=0", "--config.eval_every=0",
+         "--config.log_every=1"]
+  log = tmp_path / "term.log"
+  with open(log, "w") as f:
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+  metrics = workdir / "tune" / "metrics.jsonl"
+  deadline = time.time() + 500  # a busy machine: the frozen run comes first
+  while proc.poll() is None and time.time() < deadline:
+    if metrics.exists() and sum('"train"' in l for l in metrics.read_text().splitlines()) >= 2:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, log.read_text()[-3000:]
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=300)
+  out = log.read_text()
+  assert proc.returncode == errors.EXIT_PREEMPTED, out[-3000:]
+  step = int(out.split("SIGTERM received: saved step ")[1].split()[0])
+  saved = [int(p.name) for p in (workdir / "tune" / "checkpoints").iterdir() if p.name.isdigit()]
+  assert saved == [step], saved
+  again = subprocess.run(cmd + ["--config.steps_per_run=2"], capture_output=True, text=True,
+                         timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert (f"Resuming the tune mode at step {step}" in again.stdout
+          and f"saved step {step + 2}" in again.stdout), again.stdout[-3000:]

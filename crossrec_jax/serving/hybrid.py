@@ -27,15 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 from etils import epath
-from flax import nnx
 
-from crossrec_jax import checkpoint as ckpt_lib
 from crossrec_jax import fusion, ranking, served, text_cache
 from crossrec_jax.data.from_config import resolve_model_checkpoint
 from crossrec_jax.data.records import Interaction, Item
 from crossrec_jax.errors import ScoringError
 from crossrec_jax.interactions import InteractionData, Queries
-from crossrec_jax.models import hf
 from crossrec_jax.training import tune
 from crossrec_jax.training.inputs import apply_standardizer, standardizer, tag_vocabulary
 
@@ -111,18 +108,7 @@ class NewItemText:
   def tuned_encoder(self) -> text_cache.TextEncoder:
     """The encoder of the run's final tune-mode checkpoint (the one ``tune.load`` served)."""
     if self._tuned is None:
-      encoder = hf.load_bert(self._directory())
-      params = {"encoder": nnx.split(encoder)[1], "hybrid": nnx.split(self.model.hybrid.model)[1]}
-      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-      checkpointer = ckpt_lib.Checkpointer(epath.Path(self.workdir) / tune.SUBDIR / "checkpoints",
-                                           keep=1, async_save=False)
-      try:
-        final = [s for s in checkpointer.all_steps()
-                 if "fusion_weights" in checkpointer.read_meta(s)]
-        _, restored, _, _ = checkpointer.restore(abstract, max_step=final[-1], params_only=True)
-      finally:
-        checkpointer.close()
-      nnx.update(encoder, restored["encoder"])
+      encoder = tune.tuned_encoder(self.workdir, self.config, self.model.hybrid.model)
       self._tuned = text_cache.TextEncoder(self._directory(), encoder=encoder)
     return self._tuned
 

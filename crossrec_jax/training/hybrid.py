@@ -518,14 +518,6 @@ def _make_step(loss, tx, s: HybridSettings, num_item_vectors: int, shardings_: T
                  out_shardings=(shardings_, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
-def epoch_batches(data: InteractionData, setup: TrainingSetup, settings: HybridSettings, rng):
-  """(domain, host-placed batch) for one epoch of ``rng``'s draws (the tune mode's epochs)."""
-  batches = HybridBatches(data, setup, settings, rng=rng)
-  for _ in range(len(batches.schedule)):
-    d, batch, _ = next(batches)
-    yield d, batch
-
-
 def _train_batch(data, rows, positions, chosen, batch_size, width, hist, example_hist,
                  hist_domain, hist_user, profile_rows, before_target):
   """One domain's batch; ``width`` distinct histories (padded), as the jitted step's shapes

@@ -13,16 +13,23 @@ smart and apr are refused by ``config_check`` for this mode. The optimizer is th
 (training/optim.py): Adam on the hybrid network at ``tune.learning_rate``, AdamW (decay 0.01)
 on the encoder at ``tune.encoder_learning_rate``, 5% warmup, cosine to 0.1 x each peak.
 
-After training every item text is re-encoded with the tuned encoder, the fusion weights are
-tuned again on valid and valid / test are evaluated as in the frozen mode. Checkpoints (Orbax, in
-``workdir/tune/checkpoints``) hold the hybrid and encoder parameters and the optimizer
-state after every epoch; re-running the command resumes from the newest.
+Training runs through the one loop (``training/loop.py``) on the frozen mode's mesh: the
+train state (encoder + network params, optimizer state, step, the adversarial key) is sharded by
+the logical-axis rules, the batches split over the batch axes, and the loop gives this mode
+everything it gives the others: periodic Orbax checkpoints with the batch iterator's state (in
+``workdir/tune/checkpoints``; a resume is exact), SIGTERM (save, exit 143), the finite-loss
+check (exit 3, nothing saved), ``steps_per_run``, and ``eval_every`` / ``best_metric`` / early
+stopping on the network's valid metrics (each evaluation re-encodes the catalog). The length is
+``tune.epochs`` epochs of the frozen mode's batches at ``tune.batch_size``.
+
+After training every item text is re-encoded with the tuned encoder; text-kNN is refitted on
+the tuned vectors, item-kNN and the fusion weights are tuned again on valid, and valid / test are
+evaluated as in the frozen mode.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -32,17 +39,21 @@ import optax
 from etils import epath
 from flax import nnx
 
-from crossrec_jax import errors, served, sharding, text_cache
-from crossrec_jax.training import adversarial, optim
+from crossrec_jax import metric_writers, served, sharding, text_cache
 from crossrec_jax import checkpoint as ckpt_lib
+from crossrec_jax.training import adversarial, loop, optim
 from crossrec_jax.training.inputs import apply_standardizer, standardizer
-from crossrec_jax.training.hybrid import (FittedHybrid, _loss_fn, epoch_batches,
-                                          training_setup)
+from crossrec_jax.training.hybrid import FittedHybrid, HybridBatches, _loss_fn, training_setup
+from crossrec_jax.training.steps import TrainState, state_shardings
 from crossrec_jax.data.from_config import resolve_model_checkpoint
 from crossrec_jax.models import hf
 from crossrec_jax.models.bert import masked_mean
 
 SUBDIR = "tune"
+
+
+# The scatter's index for a padding slot: past every table's rows, so ``mode="drop"`` drops it.
+_DROPPED = np.int32(2**30)
 
 
 def _refresh_rows(batch, num_items: int, limit: int) -> np.ndarray:
@@ -53,7 +64,7 @@ def _refresh_rows(batch, num_items: int, limit: int) -> np.ndarray:
   candidates = np.concatenate([np.asarray(batch["item"])[weight], hist[hist < num_items]])
   _, first = np.unique(candidates, return_index=True)
   rows = candidates[np.sort(first)][:limit]
-  return np.concatenate([rows, np.full(limit - len(rows), num_items + 1)]).astype(np.int32)
+  return np.concatenate([rows, np.full(limit - len(rows), _DROPPED)]).astype(np.int32)
 
 
 def _live_text(encoder_graphdef, encoder_params, tokens, norm, table, embeds):
@@ -65,17 +76,18 @@ def _live_text(encoder_graphdef, encoder_params, tokens, norm, table, embeds):
   return jax.lax.stop_gradient(table).at[tokens["rows"]].set(live, mode="drop")
 
 
-def _objective(hybrid_loss, encoder_graphdef, norm, table, adv):
-  """objective(params, batch, tokens, rng) -> (L + w * L_adv, metrics): L the hybrid loss with
-  its penalties, L_adv its data loss at the perturbed word embeddings of the re-encoded texts."""
+def _objective(hybrid_loss, encoder_graphdef, norm, adv):
+  """objective(params, batch, tokens, rng, tables) -> (L + w * L_adv, metrics): L the hybrid
+  loss with its penalties, L_adv its data loss at the perturbed word embeddings of the
+  re-encoded texts; ``tables``: the input tables on the mesh (their "text" the cached vectors)."""
   adv = adversarial.resolve(adv)
 
-  def objective(params, batch, tokens, rng):
+  def objective(params, batch, tokens, rng, tables):
     embeds = nnx.merge(encoder_graphdef, params["encoder"]).embed_tokens(tokens["ids"])
 
     def loss_of_embeds(e):
-      text = _live_text(encoder_graphdef, params["encoder"], tokens, norm, table, e)
-      data_loss, (_, reg) = hybrid_loss(params["hybrid"], batch, text=text)
+      text = _live_text(encoder_graphdef, params["encoder"], tokens, norm, tables["text"], e)
+      data_loss, (_, reg) = hybrid_loss(params["hybrid"], batch, text=text, tables=tables)
       return data_loss, reg
 
     total, (reg, parts) = adversarial.regularized_loss(loss_of_embeds, embeds, adv, rng)
@@ -87,26 +99,61 @@ def _objective(hybrid_loss, encoder_graphdef, norm, table, adv):
   return objective
 
 
-def _make_step(objective, tx):
-  """The jitted update of (params, opt_state) on (batch, tokens of the re-encoded items, rng)."""
+def _make_step(objective, tx, shardings_: TrainState | None = None, mesh=None):
+  """The jitted update, a pure function of (state, batch, tokens, tables) with the state
+  donated; the adversarial draws (pgd's random start) come from (state.rng, state.step), so a
+  resumed run draws the same ones."""
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, opt_state, batch, tokens, rng):
-    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, tokens, rng)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
+  def step(state: TrainState, batch, tokens, tables):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params, batch, tokens, key, tables)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return dataclasses.replace(state, step=state.step + 1, opt_state=opt_state,
+                               params=optax.apply_updates(state.params, updates)), metrics
 
-  return step
+  if shardings_ is None:
+    return jax.jit(step, donate_argnums=(0,))
+  return jax.jit(step, in_shardings=(shardings_, None, None, None),
+                 out_shardings=(shardings_, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+class TuneBatches(loop.ResumableIterator):
+  """The frozen mode's batches (``HybridBatches``, on the host), each with the tokens of the
+  items its step re-encodes, placed on the mesh by ``put``. Its state is the inner iterator's:
+  the tokens are a function of the batch."""
+
+  def __init__(self, inner: HybridBatches, ids, mask, num_items: int, limit: int, put):
+    self.inner, self.ids, self.mask = inner, ids, mask
+    self.num_items, self.limit, self.put = num_items, limit, put
+
+  def __next__(self):
+    d, batch, n = next(self.inner)
+    rows = _refresh_rows(batch, self.num_items, self.limit)
+    safe = np.minimum(rows, self.num_items - 1)
+    tokens = {"rows": rows, "ids": self.ids[safe],
+              "mask": self.mask[safe] * (rows < self.num_items)[:, None]}
+    return d, self.put(batch), n, self.put(tokens)
+
+  def get_state(self) -> bytes:
+    return self.inner.get_state()
+
+  def set_state(self, state: bytes) -> None:
+    self.inner.set_state(state)
 
 
 WARMUP_FRACTION = 0.05
 
 
+def _optimizer_settings(ft, total_steps: int) -> optim.OptimizerSettings:
+  return optim.OptimizerSettings(
+      {"encoder": optim.Group(ft.encoder_learning_rate, weight_decay=0.01),
+       "hybrid": optim.Group(ft.learning_rate)}, total_steps, warmup_fraction=WARMUP_FRACTION)
+
+
 def _optimizer(ft, total_steps: int):
   return optim.make_optimizer(
-      optim.OptimizerSettings({"encoder": optim.Group(ft.encoder_learning_rate, weight_decay=0.01),
-                               "hybrid": optim.Group(ft.learning_rate)}, total_steps,
-                              warmup_fraction=WARMUP_FRACTION),
+      _optimizer_settings(ft, total_steps),
       lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()})
 
 
@@ -120,11 +167,12 @@ def _tokens(tokenizer, texts, max_length: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _frozen(config, workdir: epath.Path):
   """The frozen run of ``workdir`` (trained now if it has none): data, raw cached item vectors,
-  settings, its checkpoint description and the fitted hybrid network."""
+  settings, its checkpoint description and the fitted hybrid network; or the frozen run's
+  result when SIGTERM stopped it (``preempted``)."""
   data, text, settings, meta = served._inputs(config, workdir)  # pylint: disable=protected-access
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
   try:
-    restored = served._restore(checkpointer, data, text, settings, meta)  # pylint: disable=protected-access
+    restored = served._restore(checkpointer, data, text, settings, meta, config)  # pylint: disable=protected-access
   finally:
     checkpointer.close()
   if restored is None:
@@ -132,7 +180,9 @@ def _frozen(config, workdir: epath.Path):
     cached = config.copy_and_resolve_references()
     with cached.unlocked():
       cached.encoder_mode = "frozen"
-    served.train_and_evaluate(cached, workdir)
+    result = served.train_and_evaluate(cached, workdir)
+    if result.get("preempted") or "model" not in result:
+      return result  # stopped (SIGTERM or steps_per_run): the same command goes on
     return _frozen(config, workdir)
   return data, text, settings, meta, restored[1]
 
@@ -143,23 +193,39 @@ def _encoder(config, workdir: epath.Path):
   return directory, hf.load_bert(directory)
 
 
-def _served(config, data, text, settings, setup, hybrid_model, tuned_vectors, weights=None):
-  """The served model: the tuned network over the tuned encoder's item vectors (mapped by
-  the frozen run's standardisation, which the network was trained with), fused with item-item CF;
-  fusion weights tuned on valid unless given."""
+def _fitted(data, text, settings, setup, hybrid_model, tuned_vectors) -> FittedHybrid:
+  """The network over the tuned encoder's item vectors, mapped by the frozen run's
+  standardisation (which the network was trained with)."""
   mapped = apply_standardizer(tuned_vectors, standardizer(text, settings.text_pca_dim))
   table = np.vstack([mapped, np.zeros((1, mapped.shape[1]))]).astype(np.float32)
-  fitted = FittedHybrid(hybrid_model, data, settings, setup.context, jnp.asarray(table),
-                        setup.tables["profile"], setup.profile_rows, [],
-                        {"items": setup.tables["tags"], "users": setup.tables["user_tags"]})
-  cf, _ = served.fit_cf(data, config, text)
+  return FittedHybrid(hybrid_model, data, settings, setup.context, jnp.asarray(table),
+                      setup.tables["profile"], setup.profile_rows, [],
+                      {"items": setup.tables["tags"], "users": setup.tables["user_tags"]})
+
+
+def _served(config, data, fitted: FittedHybrid, tuned_vectors, weights=None, knn=None):
+  """(served model, item-kNN params): the tuned network fused with item-item CF and the
+  text-kNN of the tuned vectors; item-kNN params and fusion weights tuned on valid unless
+  given (a restored run's)."""
+  cf, knn = served.fit_cf(data, config, tuned_vectors, knn)
   if weights is None:
     weights = served.tune_fusion(fitted, cf, data)
-  return served.ServedModel(fitted, cf, weights)
+  return served.ServedModel(fitted, cf, weights), knn
 
 
 def _params_abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _on_host(tree):
+  """Every process of a multi-host run holds the whole tree (its arrays gathered)."""
+  return jax.tree.map(sharding.to_host, tree) if jax.process_count() > 1 else tree
+
+
+def _encode(checkpoint_dir, encoder_graphdef, encoder_params, data, config) -> np.ndarray:
+  encoder = nnx.merge(encoder_graphdef, _on_host(encoder_params))
+  return text_cache.TextEncoder(str(checkpoint_dir), encoder=encoder).encode(
+      data.item_texts, config.data.item_max_length)
 
 
 def has_tuned(workdir) -> bool:
@@ -174,35 +240,52 @@ def has_tuned(workdir) -> bool:
     checkpointer.close()
 
 
+def _restore_final(workdir: epath.Path, encoder, hybrid_model, expected_meta=None):
+  """(step, {"encoder", "hybrid"} params, meta) of the run's final tune-mode checkpoint."""
+  params = {"encoder": nnx.to_pure_dict(nnx.split(encoder)[1]),
+            "hybrid": nnx.to_pure_dict(nnx.split(hybrid_model)[1])}
+  checkpointer = ckpt_lib.Checkpointer(workdir / SUBDIR / "checkpoints", keep=1,
+                                       async_save=False)
+  try:
+    final = [s for s in checkpointer.all_steps() if "fusion_weights" in checkpointer.read_meta(s)]
+    step, params, _, saved = checkpointer.restore(
+        _params_abstract(params), expected_meta=expected_meta, max_step=final[-1],
+        params_only=True)
+  finally:
+    checkpointer.close()
+  return step, params, saved
+
+
+def tuned_encoder(workdir, config, hybrid_model):
+  """The encoder of the run's final tune-mode checkpoint (the one ``load`` serves)."""
+  encoder = hf.load_bert(resolve_model_checkpoint(config, workdir))
+  _, params, _ = _restore_final(epath.Path(workdir), encoder, hybrid_model)
+  return nnx.merge(nnx.graphdef(encoder), params["encoder"])
+
+
 def load(workdir, config, secret=None):
   """The served model of a run directory: the tune mode's when it has a tune checkpoint, else
   the frozen mode's (``served.load``). Returns (model, data, step)."""
   workdir = epath.Path(workdir)  # gs://bucket/run stays intact (pathlib: gs:/bucket/run)
   if not has_tuned(workdir):
     return served.load(workdir, config, secret)
-  checkpointer = ckpt_lib.Checkpointer(workdir / SUBDIR / "checkpoints", keep=1,
-                                       async_save=False)
-  try:
-    final = [s for s in checkpointer.all_steps() if "fusion_weights" in checkpointer.read_meta(s)]
-    data, text, settings, meta = served._inputs(config, workdir, secret)  # pylint: disable=protected-access
-    settings = dataclasses.replace(settings, batch_size=config.tune.batch_size)
-    setup = training_setup(data, settings, text)
-    model = setup.model
-    directory, encoder = _encoder(config, workdir)
-    params = {"encoder": nnx.split(encoder)[1], "hybrid": nnx.split(model)[1]}
-    step, params, _, saved = checkpointer.restore(
-        _params_abstract(params), expected_meta=_meta(meta), max_step=final[-1],
-        params_only=True)
-  finally:
-    checkpointer.close()
-  nnx.update(model, params["hybrid"])
+  data, text, settings, meta = served._inputs(config, workdir, secret)  # pylint: disable=protected-access
+  settings = dataclasses.replace(settings, batch_size=config.tune.batch_size)
+  setup = training_setup(data, settings, text)
+  directory, encoder = _encoder(config, workdir)
+  step, params, saved = _restore_final(workdir, encoder, setup.model, _meta(meta))
   vectors = _read_vectors(workdir, len(data.item_texts))
   if vectors is None:  # not saved (or unreadable): encode again with the tuned encoder
-    nnx.update(encoder, params["encoder"])
-    vectors = text_cache.TextEncoder(str(directory), encoder=encoder).encode(
-        data.item_texts, config.data.item_max_length)
-  weights = {int(d): w for d, w in saved["fusion_weights"].items()}
-  return _served(config, data, text, settings, setup, model, vectors, weights), data, step
+    vectors = _encode(directory, nnx.graphdef(encoder), params["encoder"], data, config)
+  fitted = _fitted(data, text, settings, setup,
+                   nnx.merge(nnx.graphdef(setup.model), params["hybrid"]), vectors)
+  model, _ = _served(config, data, fitted, vectors, _int_keys(saved["fusion_weights"]),
+                     _int_keys(saved.get("knn_params", {})))
+  return model, data, step
+
+
+def _int_keys(saved: dict) -> dict:
+  return {int(d): v for d, v in saved.items()}
 
 
 VECTORS_FILE = "item_vectors.npy"
@@ -232,83 +315,105 @@ def _meta(frozen_meta):
   return frozen_meta | {"model": frozen_meta["model"] | {"encoder_mode": "tune"}}
 
 
-def train_and_evaluate(config, workdir) -> dict[str, Any]:
+def train_and_evaluate(config, workdir, progress_marker=None) -> dict[str, Any]:
   workdir = epath.Path(workdir)  # gs://bucket/run stays intact (pathlib: gs:/bucket/run)
   workdir.mkdir(parents=True, exist_ok=True)
   ft = config.tune
-  data, text, frozen_settings, meta, hybrid = _frozen(config, workdir)
+  frozen = _frozen(config, workdir)
+  if isinstance(frozen, dict):
+    return frozen
+  data, text, frozen_settings, meta, hybrid = frozen
   meta = _meta(meta)
   settings = dataclasses.replace(frozen_settings, batch_size=ft.batch_size)
-  setup = training_setup(data, settings, text)
-  hybrid_graphdef, hybrid_params = nnx.split(hybrid.model)
+  # The frozen mode's trainer gives the mesh, the batches' layout and the tables on the mesh.
+  trainer = served.trainer_for(config, data, text, settings)
+  setup, mesh = trainer.setup, trainer.mesh
   checkpoint_dir, encoder = _encoder(config, workdir)
-  encoder_graphdef, encoder_params = nnx.split(encoder)
+  encoder_graphdef, encoder_state = nnx.split(encoder)
+  hybrid_graphdef, hybrid_state = nnx.split(hybrid.model)
   norm = {k: jnp.asarray(v, jnp.float32)
           for k, v in standardizer(text, settings.text_pca_dim).items()}
   ids, mask = _tokens(hf.load_tokenizer(checkpoint_dir), data.item_texts,
                       config.data.item_max_length)
-  tx = _optimizer(ft, ft.epochs * sum(setup.steps_per_epoch.values()))
-  # One placement for the whole state: the frozen run's network may come back sharded over the
-  # mesh and the encoder on one device; the tune step runs replicated on every device.
-  on_every_device = sharding.replicated(sharding.create_mesh({"data": -1}))
-  params = jax.device_put({"encoder": encoder_params, "hybrid": hybrid_params}, on_every_device)
-  opt_state = jax.device_put(tx.init(params), on_every_device)
+  total = ft.epochs * trainer.steps_per_epoch
+  optimizer = _optimizer_settings(ft, total)
+  tx = _optimizer(ft, total)
+  params = {"encoder": nnx.to_pure_dict(encoder_state), "hybrid": nnx.to_pure_dict(hybrid_state)}
+  logical = {"encoder": sharding.logical_axes_tree(encoder_state),
+             "hybrid": sharding.logical_axes_tree(hybrid_state)}
+
+  def new_state(p):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                      rng=jax.random.key_data(jax.random.key(config.seed)))
+
+  abstract = jax.eval_shape(new_state, params)
+  shardings_ = state_shardings(abstract, logical, tx, tuple(config.sharding_rules), mesh)
   steps = {}
   for d in setup.examples:
     lo, hi = int(data.offsets[d]), int(data.offsets[d + 1])
     loss = _loss_fn(hybrid_graphdef, setup.tables, settings, data.domains[d]["task"], lo, hi,
                     setup.num_train)
-    steps[d] = _make_step(_objective(loss, encoder_graphdef, norm, setup.tables["text"],
-                                     config.adversarial), tx)
+    steps[d] = _make_step(_objective(loss, encoder_graphdef, norm, config.adversarial), tx,
+                          shardings_, mesh)
+  batches = TuneBatches(HybridBatches(data, setup, settings, put=lambda host: host), ids, mask,
+                        data.num_items, ft.refresh_items, trainer.put)
 
-  checkpointer = ckpt_lib.Checkpointer(workdir / SUBDIR / "checkpoints", keep=1,
-                                       async_save=False)
+  def step_fn(state, batch):
+    d, arrays, _, tokens = batch
+    return steps[d](state, arrays, tokens, trainer.tables)
+
+  def fitted_of(params) -> FittedHybrid:
+    vectors = _encode(checkpoint_dir, encoder_graphdef, params["encoder"], data, config)
+    model = nnx.merge(hybrid_graphdef, _on_host(params["hybrid"]))
+    return _fitted(data, text, settings, setup, model, vectors), vectors
+
+  checkpointer = ckpt_lib.Checkpointer.from_config(config, workdir / SUBDIR / "checkpoints")
   try:
-    restored = checkpointer.restore(_params_abstract({"params": params, "opt_state": opt_state}),
+    restored = checkpointer.restore(ckpt_lib.abstract_like(abstract, shardings_),
                                     expected_meta=meta)
-    epoch0, saved = 0, {}
+    saved = {}
     if restored is not None:
-      epoch0, state, _, saved = restored
-      params, opt_state = jax.device_put((state["params"], state["opt_state"]), on_every_device)
-      print(f"Resuming the tune mode after epoch {epoch0} from {checkpointer.directory}", flush=True)
-    for epoch in range(epoch0, ft.epochs):
-      rng = np.random.default_rng([config.seed, epoch])  # the same batches when resumed
-      # pgd's random starts: one key per (epoch, batch), so a resumed run draws the same ones.
-      adv_key = jax.random.fold_in(jax.random.key(config.seed), epoch)
-      sums = {}
-      for k, (d, batch) in enumerate(epoch_batches(data, setup, settings, rng)):
-        rows = _refresh_rows(batch, data.num_items, ft.refresh_items)
-        safe = np.minimum(rows, data.num_items - 1)
-        tokens = {"rows": rows, "ids": ids[safe],
-                  "mask": mask[safe] * (rows < data.num_items)[:, None]}
-        params, opt_state, metrics = steps[d](params, opt_state, batch, tokens,
-                                              jax.random.fold_in(adv_key, k))
-        for key, value in metrics.items():
-          sums.setdefault(f"{data.names[d]}/{key}", []).append(value)
-      entry = {k: float(np.mean(jax.device_get(v))) for k, v in sums.items()}
-      print(f"  tune epoch {epoch + 1}/{ft.epochs} " + " ".join(
-          f"{k} {v:.4g}" for k, v in entry.items()), flush=True)
-      if not all(np.isfinite(v) for v in entry.values()):
-        raise errors.NonFiniteLossError(  # the CLI exits 3, as in every mode
-            f"tune: non-finite loss in epoch {epoch + 1} ({entry}); not checkpointed. Lower "
-            "tune.encoder_learning_rate / tune.learning_rate.")
-      if epoch + 1 < ft.epochs:  # the last epoch is saved below, with what serving needs
-        checkpointer.save(epoch + 1, {"params": params, "opt_state": opt_state}, None, meta)
+      step, state, data_state, saved = restored
+      if data_state:
+        batches.set_state(data_state)
+      print(f"Resuming the tune mode at step {step} from {checkpointer.directory}", flush=True)
+    else:
+      step, state = 0, jax.jit(new_state, out_shardings=shardings_)(params)
+    finished = "fusion_weights" in saved and step >= total  # else: a longer run goes on
+    if not finished:
+      writer = metric_writers.create_default_writer(workdir / SUBDIR)
+
+      def mark(step):
+        if progress_marker is not None:
+          progress_marker.started = True
+
+      try:
+        result = loop.run_loop(
+            loop.LoopSettings.from_config(config, total), state, step_fn, batches, start=step,
+            checkpointer=checkpointer, meta=meta, writer=writer, examples=lambda batch: batch[2],
+            evaluate=served.network_evaluator(config, data, writer,
+                                              lambda state: fitted_of(state.params)[0]),
+            learning_rate=optim.learning_rate(optimizer, ft.learning_rate), on_step=mark,
+            show_progress=jax.process_index() == 0)
+      finally:
+        writer.close()
+      if not result.finished:
+        return {"step": result.step, "metrics": {}, "preempted": result.preempted}
+      step, state = result.step, result.state
 
     # Serve what was trained: every item re-encoded by the tuned encoder, fusion re-tuned.
-    nnx.update(encoder, params["encoder"])
-    nnx.update(hybrid.model, params["hybrid"])
-    vectors = text_cache.TextEncoder(str(checkpoint_dir), encoder=encoder).encode(
-        data.item_texts, config.data.item_max_length)
-    model = _served(config, data, text, settings, setup, hybrid.model, vectors,
-                    None if epoch0 < ft.epochs or "fusion_weights" not in saved else
-                    {int(d): w for d, w in saved["fusion_weights"].items()})
-    step = ft.epochs
-    if step not in checkpointer.all_steps():
+    fitted, vectors = fitted_of(state.params)
+    model, knn = _served(config, data, fitted, vectors,
+                         _int_keys(saved["fusion_weights"]) if finished else None,
+                         _int_keys(saved.get("knn_params", {})) if finished else None)
+    if not finished:
+      if step in checkpointer.all_steps():  # an early stop saved this step without weights
+        checkpointer.manager.delete(step)
       if jax.process_index() == 0:
         _write_vectors(workdir, vectors)
-      checkpointer.save(step, {"params": params, "opt_state": opt_state}, None, meta | {
-          "fusion_weights": {str(d): w for d, w in model.weights.items()}})
+      checkpointer.save(step, state, batches.get_state(), meta | {
+          "fusion_weights": {str(d): w for d, w in model.weights.items()},
+          "knn_params": {str(d): p for d, p in knn.items()}})
   finally:
     checkpointer.close()
   results = served.evaluate_and_report(model, data, step, workdir / SUBDIR, "tune", config)

@@ -46,7 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.fusion = ml_collections.ConfigDict(dict(
       # item-kNN's k x shrinkage grid, tuned per domain on valid (one value each: no tuning).
       components=("item_knn", "ease", "text_knn"), knn_k=(20, 50, 100, 200),
-      knn_shrink=(0.0, 10.0, 20.0, 50.0), ease_lambda=30.0, text_knn_k=50))
+      knn_shrink=(0.0, 10.0, 20.0, 50.0), ease_lambda=30.0, text_knn_k=50,
+      # EASE's weights are a dense [n, n] matrix per domain: past this many items it is fitted
+      # on the most popular ones (a notice says so); 0: no bound (sized against free memory).
+      ease_max_items=20_000))
   c.text_cache = ""                 # frozen text vectors' cache folder; "": WORKDIR/text_cache
 
   # Evaluation (crossrec_jax/evaluation.py): HR / NDCG / Recall / MRR at each of ``ks``, with
@@ -104,3 +107,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="", num_processes=0, process_id=-1))  # or JAX_COORDINATOR_ADDRESS etc.
   return c
+
+
+def saved_config(saved: dict) -> ml_collections.ConfigDict:
+  """The config a run saved in its checkpoint, over today's defaults: a key added since the run
+  was trained takes its default, so older runs still load."""
+  config = base_config()
+  config.update(saved)
+  return config

@@ -20,3 +20,8 @@ class ScoringError(ValueError):
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN / inf; the run stops and nothing from it is checkpointed."""
+
+
+class OutOfMemoryError(ConfigError, MemoryError):
+  """A step sized before it ran needs more memory than is free; the message names the setting
+  that bounds it (a user's to change: exit 2, never a native crash)."""

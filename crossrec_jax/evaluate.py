@@ -13,7 +13,7 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
 
   Creates nothing: a mistyped workdir is an error, not a new empty run directory.
   """
-  import ml_collections  # pylint: disable=import-outside-toplevel
+  from crossrec_jax import config_defaults  # pylint: disable=import-outside-toplevel
   from crossrec_jax import checkpoint as ckpt_lib, config_check, experiment, rundir  # pylint: disable=import-outside-toplevel
   from crossrec_jax.serving import scorer as serving  # pylint: disable=import-outside-toplevel
   from crossrec_jax.errors import ConfigError, UsageError  # pylint: disable=import-outside-toplevel
@@ -29,7 +29,7 @@ def evaluate_workdir(workdir, split: str = "test", limit: int | None = None,
     if not steps_:
       raise ConfigError(f"{workdir / 'checkpoints'}: no checkpoint to evaluate yet")
     meta = checkpointer.read_meta(steps_[-1])
-    config = ml_collections.ConfigDict(meta["config"])
+    config = config_defaults.saved_config(meta["config"])
     # The training secret, checked against the checkpoint's digest: another one would silently
     # prepare a differently keyed copy of the data.
     secret = rundir.scoring_secret(meta, secret_file)

@@ -97,7 +97,8 @@ def fit_cf(data: InteractionData, config, text=None, knn_params: dict | None = N
     cf["item_knn"] = PerDomain({d: bl.ItemKNN(**params[d], cooccurrence=cooc).fit(data)
                                 for d in implicit}, "item-kNN")
   if "ease" in f.components:
-    cf["ease"] = bl.EASE(lam=f.ease_lambda, domains=implicit).fit(data)
+    cf["ease"] = bl.EASE(lam=f.ease_lambda, domains=implicit,
+                         max_items=f.ease_max_items).fit(data)
   if "text_knn" in f.components and text is not None:
     cf["text_knn"] = bl.TextKNN(text, k=f.text_knn_k).fit(data)
   return cf, params

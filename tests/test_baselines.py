@@ -120,6 +120,9 @@ def test_text_knn_matches_a_dense_reference_and_scores_items_nobody_touched():
   rows += [("u9", "shop", "i03", 1.0, "history"), ("u9", "shop", "i11", 1.0, "test")]
   data = make_data([SHOP], [ids], rows)
   model = bl.TextKNN(vectors, k=4, block=5).fit(data)  # blocks of 5: the last one is padded
+  # Candidates streamed in column blocks of 5 (the top-k merged across them): the same graph.
+  streamed = bl.TextKNN(vectors, k=4, block=5, column_block=5).fit(data)
+  np.testing.assert_allclose(streamed.similarity.toarray(), model.similarity.toarray(), atol=1e-6)
   v = vectors - vectors.mean(0)
   v /= np.linalg.norm(v, axis=1, keepdims=True)
   cos = v @ v.T
@@ -160,6 +163,40 @@ def test_ease_matches_the_closed_form_and_ranks_untouched_items_last():
   history[np.searchsorted(active, [1, 3])] = 1.0
   np.testing.assert_allclose(scores[active], history @ B, rtol=1e-5, atol=1e-6)
   assert scores[5] == bl.ranking.LOWEST_SCORE and scores[5] < scores[active].min()
+
+
+def test_ease_past_max_items_fits_the_most_popular_with_a_notice(capsys):
+  rng = np.random.default_rng(0)
+  dense = (rng.random((60, 12)) < 0.3).astype(float)
+  dense[:, 2] = 1.0
+  dense[:40, 7] = 1.0  # items 2 and 7 are the two most popular
+  dense[:, 5] = 0
+  active, B = bl.ease_weights(sp.csr_matrix(dense), lam=3.0, max_items=4, name="shop")
+  out = capsys.readouterr().out
+  assert "EASE in domain shop: 11 items have train interactions; fitting on the 4 most popular" in out
+  assert "fusion.ease_max_items" in out
+  counts = dense.sum(0)
+  np.testing.assert_array_equal(active, np.sort(np.argsort(-counts, kind="stable")[:4]))
+  assert {2, 7} <= set(active.tolist())
+  ref_active, ref_B = bl.ease_weights(sp.csr_matrix(dense[:, active]), lam=3.0, max_items=0)
+  np.testing.assert_array_equal(ref_active, np.arange(4))
+  np.testing.assert_allclose(B, ref_B, rtol=1e-5, atol=1e-6)
+  # Through the model: the items left out score lowest, the kept ones as the bounded solve says.
+  rows = [(f"u{u}", "shop", f"i{i:02d}", 1.0, "train") for u, i in zip(*np.nonzero(dense))]
+  rows += [("new", "shop", "i02", 1.0, "history"), ("new", "shop", "i01", 1.0, "test")]
+  data = make_data([SHOP], [[f"i{i:02d}" for i in range(12)]], rows)
+  scores = bl.EASE(lam=3.0, max_items=4).fit(data).score_catalog(data.queries("test", 0), 0)[0]
+  left_out = np.setdiff1d(np.arange(12), active)
+  assert np.all(scores[left_out] == bl.ranking.LOWEST_SCORE)
+  np.testing.assert_allclose(scores[active], B[list(active).index(2)], rtol=1e-5, atol=1e-6)
+
+
+def test_ease_too_big_for_the_memory_is_a_one_line_error_before_lapack(monkeypatch):
+  monkeypatch.setattr(bl.ranking, "available_memory", lambda: 1000)
+  dense = (np.random.default_rng(0).random((30, 20)) < 0.4).astype(float)
+  with pytest.raises(MemoryError, match=r"EASE in domain shop on 20 items needs about .* GiB "
+                     r"and 0\.0 GiB is free: lower fusion\.ease_max_items"):
+    bl.ease_weights(sp.csr_matrix(dense), lam=3.0, name="shop")
 
 
 def test_bpr_learns_groups_and_gives_unknown_users_the_item_biases():

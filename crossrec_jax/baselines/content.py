@@ -3,22 +3,18 @@ items with no train interaction, where item-item CF is blind."""
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from crossrec_jax import ranking
 from crossrec_jax.baselines.base import Recommender
 
 
-@functools.partial(jax.jit, static_argnames="k")
-def _top_k_similar(block, vectors, rows, k):
-  """For each row of ``block`` (items ``rows``): its k most similar items, itself excluded."""
-  sim = block @ vectors.T
-  sim = sim.at[jnp.arange(block.shape[0]), rows].set(-jnp.inf)
-  return jax.lax.top_k(sim, k)
+@jax.jit
+def _similarity(block, candidates):
+  return block @ candidates.T
 
 
 class TextKNN(Recommender):
@@ -27,8 +23,10 @@ class TextKNN(Recommender):
   so items with few or no train interactions are ranked by what their text says."""
   name = "text-kNN (content)"
 
-  def __init__(self, vectors: np.ndarray, k: int = 50, block: int = 2048):
-    self.vectors, self.k, self.block = vectors, k, block
+  def __init__(self, vectors: np.ndarray, k: int = 50, block: int = 2048,
+               column_block: int = 32768):
+    # Memory is one [block, column_block] similarity block, whatever the catalog's size.
+    self.vectors, self.k, self.block, self.column_block = vectors, k, block, column_block
 
   def _fit(self, data):
     if len(self.vectors) != data.num_items:
@@ -40,9 +38,11 @@ class TextKNN(Recommender):
     for start in range(0, n, self.block):
       rows = np.arange(start, min(start + self.block, n))
       padded = np.concatenate([rows, np.full(self.block - len(rows), rows[-1])])  # one shape
-      top, idx = _top_k_similar(v[padded], v, jnp.asarray(padded), k)
-      sims.append(np.asarray(top)[:len(rows)])
-      neighbours.append(np.asarray(idx)[:len(rows)])
+      queries = v[padded]
+      top, idx = ranking.streamed_top_k(lambda lo, hi: _similarity(queries, v[lo:hi]), n,
+                                        padded[:, None], k=k, block=self.column_block)
+      sims.append(top[:len(rows)])
+      neighbours.append(idx[:len(rows)])
     sim = np.maximum(np.concatenate(sims), 0.0).ravel()
     # Column j holds the neighbours of candidate j: context @ S[:, j] sums over them.
     self.similarity = sp.csc_matrix(

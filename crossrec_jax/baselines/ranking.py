@@ -4,6 +4,7 @@ domain, and an ID-only matrix factorisation trained with BPR."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 import jax
@@ -13,6 +14,7 @@ import optax
 import scipy.linalg
 import scipy.sparse as sp
 
+from crossrec_jax import errors
 from crossrec_jax.baselines.base import Recommender
 from crossrec_jax.interactions import InteractionData
 
@@ -99,12 +101,55 @@ class ItemKNN(Recommender):
 
 # ------------------------------------------------------------------------------------ EASE
 
-def ease_weights(X: sp.spmatrix, lam: float) -> tuple[np.ndarray, np.ndarray]:
+# EASE's dense [n, n] float32 weights: 20,000 items is 1.6 GB, and its cost grows as n^2 (memory)
+# and n^3 (the inverse). Past this many items a domain is fitted on its most popular ones.
+EASE_MAX_ITEMS = 20_000
+
+
+def available_memory() -> int:
+  """Bytes this process can still allocate: MemAvailable (Linux), else physical memory."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def ease_bytes(n: int, gram_nnz: int) -> int:
+  """Peak bytes of ``ease_weights`` on n items: the sparse Gram (value + index + its CSR copy)
+  and the dense float32 matrix LAPACK works on in place."""
+  return 24 * gram_nnz + 4 * n * n
+
+
+def ease_weights(X: sp.spmatrix, lam: float, max_items: int = EASE_MAX_ITEMS, name: str = ""
+                 ) -> tuple[np.ndarray, np.ndarray]:
   """EASE (Steck 2019) on the columns with interactions: B = I - P / diag(P),
   P = (X'X + lam I)^-1, so diag(B) = 0. Float32 Cholesky, in place (B is [n, n]: the memory).
-  Returns (active columns, B)."""
-  active = np.flatnonzero(np.asarray(X.sum(0)).ravel() > 0)
+  Past ``max_items`` columns with interactions, only the ``max_items`` most popular are kept
+  (a one-line notice says so). The dense matrix is sized against the free memory before LAPACK
+  is called. Returns (active columns, B)."""
+  counts = np.asarray(X.sum(0)).ravel()
+  active = np.flatnonzero(counts > 0)
+  where = f" in domain {name}" if name else ""
+  if max_items and len(active) > max_items:
+    keep = np.sort(active[np.argsort(-counts[active], kind="stable")[:max_items]])
+    print(f"EASE{where}: {len(active):,} items have train interactions; fitting on the "
+          f"{max_items:,} most popular (fusion.ease_max_items); the other "
+          f"{len(active) - max_items:,} get EASE's lowest score and are ranked by the other "
+          "components.", flush=True)
+    active = keep
   Xa = sp.csc_matrix(X, dtype=np.float32)[:, active]
+  n = len(active)
+  # An upper bound of the Gram's entries, from the users' row counts: sum over users of c_u^2.
+  per_user = np.diff(sp.csr_matrix(Xa).indptr).astype(np.int64)
+  need, free = ease_bytes(n, min(int(np.sum(per_user ** 2)), n * n)), available_memory()
+  if need > free:
+    raise errors.OutOfMemoryError(
+        f"EASE{where} on {n:,} items needs about {need / 2**30:.1f} GiB and {free / 2**30:.1f} "
+        "GiB is free: lower fusion.ease_max_items (or drop \"ease\" from fusion.components).")
   gram = (Xa.T @ Xa).toarray()
   gram[np.diag_indices_from(gram)] += lam
   # gram is symmetric: its transpose is the Fortran-ordered array LAPACK can overwrite.
@@ -131,18 +176,21 @@ def _symmetrise_from_lower(a: np.ndarray, block: int = 2048) -> None:
 
 
 class EASE(Recommender):
-  """EASE per domain on the items with train interactions (the others score lowest); a user is
-  their context in the domain, so users unknown to training are scored the same way."""
+  """EASE per domain on the items with train interactions (the others score lowest), at most
+  ``max_items`` of them per domain (the most popular; 0: no bound); a user is their context in
+  the domain, so users unknown to training are scored the same way."""
   name = "EASE (per domain)"
 
-  def __init__(self, lam: float = 30.0, domains: Sequence[int] | None = None):
-    self.lam, self.fit_domains = lam, domains
+  def __init__(self, lam: float = 30.0, domains: Sequence[int] | None = None,
+               max_items: int = EASE_MAX_ITEMS):
+    self.lam, self.fit_domains, self.max_items = lam, domains, max_items
 
   def _fit(self, data):
     X = data.matrix(("train",))
     self.weights = {}
     for d in (range(len(data.domains)) if self.fit_domains is None else self.fit_domains):
-      self.weights[d] = ease_weights(X[:, self._columns(d)], self.lam)
+      self.weights[d] = ease_weights(X[:, self._columns(d)], self.lam, self.max_items,
+                                     data.domains[d]["name"])
 
   def score_catalog(self, queries, domain):
     if domain not in self.weights:

@@ -14,11 +14,11 @@ import tempfile
 from typing import Iterator, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from crossrec_jax import checkpoint as ckpt_lib
+from crossrec_jax import config_defaults
 from crossrec_jax import ranking, rundir, sharding, text_cache
 from crossrec_jax.data import processing
 from crossrec_jax.data.pipeline import stable_bucket
@@ -65,7 +65,7 @@ class EndToEndModel:
     skipped with a warning naming both steps) and the run's tokenizer and known IDs."""
     try:
       model_config = RecommenderConfig.from_dict(meta["model"])
-      config = ml_collections.ConfigDict(meta["config"])
+      config = config_defaults.saved_config(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
       raise ckpt_lib.CheckpointIncompatibleError(
           f"{ckpt_dir}: checkpoint description is not from this crossrec_jax version "

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import ml_collections
 
 from crossrec_jax import checkpoint as ckpt_lib
+from crossrec_jax import config_defaults
 from crossrec_jax import rundir
 from crossrec_jax.data import processing, records
 from crossrec_jax.data.from_config import processing_config
@@ -95,7 +96,7 @@ class Scorer:
       checkpointer.close()
     mode = encoder_mode(workdir, meta)
     try:
-      config = with_mapping(ml_collections.ConfigDict(meta["config"]), mapping_file)
+      config = with_mapping(config_defaults.saved_config(meta["config"]), mapping_file)
     except (KeyError, TypeError, ValueError) as e:
       if isinstance(e, ScoringError):
         raise

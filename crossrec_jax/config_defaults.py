@@ -49,7 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
       knn_shrink=(0.0, 10.0, 20.0, 50.0), ease_lambda=30.0, text_knn_k=50,
       # EASE's weights are a dense [n, n] matrix per domain: past this many items it is fitted
       # on the most popular ones (a notice says so); 0: no bound (sized against free memory).
-      ease_max_items=20_000))
+      ease_max_items=20_000,
+      # valid queries (per domain, a seeded sample) that tune item-kNN and the fusion weights;
+      # their cost is these queries x the catalog per grid point. 0: all.
+      max_tuning_queries=5_000))
   c.text_cache = ""                 # frozen text vectors' cache folder; "": WORKDIR/text_cache
 
   # Evaluation (crossrec_jax/evaluation.py): HR / NDCG / Recall / MRR at each of ``ks``, with

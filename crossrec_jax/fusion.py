@@ -3,6 +3,8 @@
 Each component's catalog scores are z-scored per user (row), so scales do not matter, and
 combined with per-domain weights chosen on the validation split by NDCG@K over a small grid.
 Weight 0 is in the grid, so fusion can only match or beat its best single component on valid.
+Then, per domain, cold items (few train interactions: CF cannot see them) get the text path's
+z-score boosted and an offset, tuned on valid the same way (``ColdItems``, ``tune_cold``).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ def zscore_rows(scores):
   return jnp.where(scored, z, jnp.where(jnp.isfinite(floor), floor, 0.0))
 
 
-def fuse(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> jax.Array:
-  """Σ_c w_c · zscore(scores_c) over the components with a non-zero weight."""
+def fuse(components: Mapping[str, np.ndarray], weights: Mapping[str, float],
+         cold: "ColdItems | None" = None) -> jax.Array:
+  """Σ_c w_c · zscore(scores_c) over the components with a non-zero weight; with ``cold``, its
+  columns also get Σ_c b_c · zscore(scores_c) + offset (``ColdItems``)."""
   total = None
   for name, w in weights.items():
     if w:
@@ -45,7 +49,91 @@ def fuse(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> 
       total = z if total is None else total + z
   if total is None:
     raise ValueError(f"fusion weights {dict(weights)} are all zero")
+  if cold is not None and cold.active:
+    extra = cold.offset
+    for name, b in cold.boost.items():
+      if b:
+        extra = extra + b * zscore_rows(jnp.asarray(components[name]))
+    total = total + jnp.asarray(cold.columns)[None, :] * extra
   return total
+
+
+@dataclasses.dataclass
+class ColdItems:
+  """Fusion terms for a domain's cold items (at most ``max_train`` train interactions): the CF
+  components cannot see them and the network learns popularity into its item vectors, so on
+  those columns the text path (``boost``, per component) and an ``offset`` are added to the
+  fused score. Tuned on valid (``tune_cold``); zero boost and offset is the plain fusion."""
+  columns: np.ndarray              # [N_d] 1.0 on the domain's cold items, else 0.0
+  boost: dict[str, float]
+  offset: float
+  max_train: int
+
+  @property
+  def active(self) -> bool:
+    return bool(self.offset or any(self.boost.values())) and bool(self.columns.any())
+
+  def to_json(self) -> dict:
+    return {"boost": dict(self.boost), "offset": self.offset, "max_train": self.max_train}
+
+  @classmethod
+  def from_json(cls, saved: dict, item_counts: np.ndarray) -> "ColdItems":
+    """``item_counts``: the domain's train interactions per item."""
+    return cls((item_counts <= saved["max_train"]).astype(np.float32),
+               {k: float(v) for k, v in saved["boost"].items()}, float(saved["offset"]),
+               int(saved["max_train"]))
+
+
+COLD_BOOSTS = (0.0, 0.5, 1.0, 2.0)
+COLD_OFFSETS = (0.0, 0.5, 1.0, 2.0, 3.0)
+
+
+@jax.jit
+def _cold_grid_ranks(z, weights, boosts, offsets, columns, target, exclude):
+  """[G, n] ranks under the fixed ``weights`` [C] plus, on ``columns``, each grid point's
+  ``boosts`` [G, C] and ``offsets`` [G]."""
+  excluded = ranking.candidate_mask(target, exclude, z.shape[2])
+  base = jnp.tensordot(weights, z, 1)
+
+  def rank(point):
+    b, offset = point
+    total = base + columns[None, :] * (jnp.tensordot(b, z, 1) + offset)
+    return ranking.rank_with_mask(total, target, excluded)
+
+  return jax.lax.map(rank, (boosts, offsets))
+
+
+def tune_cold(components: Mapping[str, np.ndarray], weights: Mapping[str, float],
+              target: np.ndarray, exclude: sp.csr_matrix | None, item_counts: np.ndarray, *,
+              max_train: int, boosted: tuple[str, ...] = ("text_knn",), k: int = 10,
+              metric: str | None = None, block: int = 1024) -> ColdItems | None:
+  """The cold-item terms with the best valid ``metric`` over ``COLD_BOOSTS`` (for each of
+  ``boosted`` present) x ``COLD_OFFSETS``, the plain fusion (all zero) included, so valid can
+  only match or gain. None when the domain has no cold item or no valid target."""
+  columns = (np.asarray(item_counts) <= max_train).astype(np.float32)
+  if not columns.any() or not len(target):
+    return None
+  metric = metric or f"ndcg@{k}"
+  names = list(components)
+  boosted = [n for n in boosted if n in components]
+  points = [(dict(zip(boosted, bs)), o) for bs in itertools.product(COLD_BOOSTS, repeat=len(boosted))
+            for o in COLD_OFFSETS]
+  boosts = jnp.asarray([[p[0].get(n, 0.0) for n in names] for p in points], jnp.float32)
+  offsets = jnp.asarray([p[1] for p in points], jnp.float32)
+  w = jnp.asarray([float(weights.get(n, 0.0)) for n in names], jnp.float32)
+  ranks, candidates = [], []
+  for rows, excluded in ranking.row_blocks(exclude, len(target), components[names[0]].shape[1],
+                                           block):
+    z = jnp.stack([zscore_rows(jnp.asarray(components[n][rows])) for n in names])
+    t, e = jnp.asarray(target[rows], jnp.int32), jnp.asarray(excluded)
+    ranks.append(np.asarray(_cold_grid_ranks(z, w, boosts, offsets, jnp.asarray(columns), t, e),
+                            np.float64))
+    candidates.append(np.asarray(z.shape[2] - jnp.sum(ranking.candidate_mask(t, e, z.shape[2]), 1),
+                                 np.float64))
+  rank, candidates = np.concatenate(ranks, 1), np.concatenate(candidates)
+  scores = [metrics.ranking_metrics(r, candidates, k)[metric] for r in rank]
+  best = int(np.argmax(scores))  # the first best: the plain fusion wins ties
+  return ColdItems(columns, points[best][0], float(points[best][1]), int(max_train))
 
 
 @dataclasses.dataclass

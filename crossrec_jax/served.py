@@ -42,10 +42,12 @@ NEURAL = "neural"
 
 @dataclasses.dataclass
 class ServedModel:
-  """The served model: the hybrid network, CF components and per-domain fusion weights."""
+  """The served model: the hybrid network, CF components, per-domain fusion weights and the
+  cold-item terms (``fusion.ColdItems``) of the domains that have them."""
   hybrid: FittedHybrid
   cf: dict[str, bl.Recommender]
   weights: dict[int, dict[str, float]]
+  cold: dict[int, fusion.ColdItems] = dataclasses.field(default_factory=dict)
 
   def score_catalog(self, queries, domain: int) -> np.ndarray:
     """Fused scores where the domain has weights (implicit domains), else the network's."""
@@ -53,12 +55,28 @@ class ServedModel:
     w = self.weights.get(domain)
     if not w:
       return neural
-    parts = {n: m.score_catalog(queries, domain) for n, m in self.cf.items() if w.get(n)}
+    cold = self.cold.get(domain)
+    used = {n for n, v in w.items() if v} | ({n for n, b in cold.boost.items() if b} if cold else set())
+    parts = {n: m.score_catalog(queries, domain) for n, m in self.cf.items() if n in used}
     parts[NEURAL] = neural
-    return np.asarray(fusion.fuse(parts, w))
+    return np.asarray(fusion.fuse(parts, w, cold))
 
   def score_pairs(self, queries) -> np.ndarray:
     return self.hybrid.score_pairs(queries)
+
+  def fusion_meta(self) -> dict:
+    """The fusion as the checkpoint's JSON metadata holds it (``fusion_from_meta`` reads it)."""
+    return {"fusion_weights": {str(d): w for d, w in self.weights.items()},
+            "cold_fusion": {str(d): c.to_json() for d, c in self.cold.items()}}
+
+
+def fusion_from_meta(saved: dict, data: InteractionData):
+  """(weights, cold-item terms) of a finished checkpoint's metadata."""
+  weights = {int(d): w for d, w in saved["fusion_weights"].items()}
+  counts = data.item_counts(("train",))
+  cold = {int(d): fusion.ColdItems.from_json(c, counts[data.offsets[int(d)]:data.offsets[int(d) + 1]])
+          for d, c in saved.get("cold_fusion", {}).items()}
+  return weights, cold
 
 
 class PerDomain:
@@ -91,7 +109,7 @@ def fit_cf(data: InteractionData, config, text=None, knn_params: dict | None = N
         continue
       if len(grid) > 1 and data.mask(("valid",), d).any():
         params[d], _ = bl.tune(lambda **p: bl.ItemKNN(**p, cooccurrence=cooc), grid, data,
-                               data.queries("valid", d), bl.ranking_metric(data, d, "ndcg@10"))
+                               tuning_queries(data, d, config), bl.ranking_metric(data, d, "ndcg@10"))
       else:
         params[d] = grid[0]
     cf["item_knn"] = PerDomain({d: bl.ItemKNN(**params[d], cooccurrence=cooc).fit(data)
@@ -104,21 +122,43 @@ def fit_cf(data: InteractionData, config, text=None, knn_params: dict | None = N
   return cf, params
 
 
+def tuning_queries(data: InteractionData, domain: int, config=None):
+  """The domain's valid queries that tune the fusion and item-kNN: at most
+  ``fusion.max_tuning_queries`` of them (a seeded sample; 0: all), so the tuning's cost is
+  bounded by queries x catalog, not users x catalog."""
+  valid = data.queries("valid", domain)
+  limit = int(config.fusion.max_tuning_queries) if config is not None else 0
+  if not limit or len(valid) <= limit:
+    return valid
+  keep = np.zeros(len(valid), bool)
+  keep[np.random.default_rng([config.seed, domain]).choice(len(valid), limit, replace=False)] = True
+  return valid.subset(keep)
+
+
 def _seq(value) -> tuple:
   return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def tune_fusion(model: FittedHybrid, cf, data: InteractionData) -> dict[int, dict[str, float]]:
-  weights = {}
+def tune_fusion(model: FittedHybrid, cf, data: InteractionData, config=None):
+  """(weights, cold-item terms) per implicit domain, both tuned on valid: the weights first,
+  then the cold items' text boost and offset on top of them (``eval.cold_item_max_train``
+  says which items are cold)."""
+  max_train = int(config.eval.cold_item_max_train) if config is not None else 2
+  weights, cold = {}, {}
+  counts = data.item_counts(("train",))
   for d in range(len(data.domains)):
     if data.task(d) != "implicit" or not cf or not data.mask(("valid",), d).any():
       continue
-    valid = data.queries("valid", d)
+    valid = tuning_queries(data, d, config)
     cols = slice(data.offsets[d], data.offsets[d + 1])
     parts = {n: m.score_catalog(valid, d) for n, m in cf.items()} | {
         NEURAL: model.score_catalog(valid, d)}
-    weights[d], _ = fusion.tune_weights(parts, valid.item - data.offsets[d], valid.context[:, cols])
-  return weights
+    target, exclude = valid.item - data.offsets[d], valid.context[:, cols]
+    weights[d], _ = fusion.tune_weights(parts, target, exclude)
+    terms = fusion.tune_cold(parts, weights[d], target, exclude, counts[cols], max_train=max_train)
+    if terms is not None and terms.active:
+      cold[d] = terms
+  return weights, cold
 
 
 def evaluate(model: ServedModel, data: InteractionData, split: str, config=None
@@ -163,6 +203,16 @@ def network_evaluator(config, data: InteractionData, writer, fitted_of):
   return network_metrics
 
 
+def report_fusion(model: ServedModel, data: InteractionData) -> None:
+  if model.weights and jax.process_index() == 0:
+    print("fusion weights (tuned on valid): " + ", ".join(
+        f"{data.names[d]} {w}" for d, w in model.weights.items()))
+  for d, c in model.cold.items():
+    if jax.process_index() == 0:
+      print(f"cold items of {data.names[d]} (<= {c.max_train} train interactions, "
+            f"{int(c.columns.sum())} items): boost {c.boost}, offset {c.offset:g}")
+
+
 def _inputs(config, workdir: epath.Path, secret=None):
   """The data, cached item text vectors, settings and checkpoint description of a run."""
   secret = secret or resolve_link_secret(config)
@@ -193,8 +243,8 @@ def trainer_for(config, data, text, settings, mesh=None):
 
 
 def _restore(checkpointer, data, text, settings, meta, config=None):
-  """(step, hybrid, fusion weights, item-kNN params) of the newest finished checkpoint (one with fusion
-  weights), or None when there is none."""
+  """(step, hybrid, (fusion weights, cold-item terms), item-kNN params) of the newest finished
+  checkpoint (one with fusion weights), or None when there is none."""
   if not checkpointer.all_steps():
     return None
   trainer = (trainer_for(config, data, text, settings) if config is not None
@@ -204,7 +254,7 @@ def _restore(checkpointer, data, text, settings, meta, config=None):
   if restored is None or "fusion_weights" not in restored[3]:
     return None
   step, params, _, saved = restored
-  return (step, trainer.fitted(params), {int(d): w for d, w in saved["fusion_weights"].items()},
+  return (step, trainer.fitted(params), fusion_from_meta(saved, data),
           {int(d): p for d, p in saved.get("knn_params", {}).items()})
 
 
@@ -222,8 +272,8 @@ def load(workdir, config, secret=None) -> tuple[ServedModel, InteractionData, in
   if restored is None:
     raise ckpt_lib.CheckpointIncompatibleError(
         f"{workdir}: no finished frozen-mode checkpoint to restore (train it to the end first)")
-  step, hybrid, weights, knn = restored
-  return ServedModel(hybrid, fit_cf(data, config, text, knn)[0], weights), data, step
+  step, hybrid, (weights, cold), knn = restored
+  return ServedModel(hybrid, fit_cf(data, config, text, knn)[0], weights, cold), data, step
 
 
 def train_and_evaluate(config, workdir, progress_marker=None) -> dict[str, Any]:
@@ -268,18 +318,15 @@ def train_and_evaluate(config, workdir, progress_marker=None) -> dict[str, Any]:
     hybrid = trainer.fitted(state.params)
     cf, knn = fit_cf(data, config, text, knn if weights is not None else None)
     if weights is None:
-      weights = tune_fusion(hybrid, cf, data)
+      model = ServedModel(hybrid, cf, *tune_fusion(hybrid, cf, data, config))
       if step in checkpointer.all_steps():  # an early stop saved this step without weights
         checkpointer.manager.delete(step)
-      checkpointer.save(step, state, batches.get_state(),
-                        meta | {"fusion_weights": {str(d): w for d, w in weights.items()},
-                                "knn_params": {str(d): p for d, p in knn.items()}})
-    weights = {int(d): w for d, w in weights.items()}
+      checkpointer.save(step, state, batches.get_state(), meta | model.fusion_meta() | {
+          "knn_params": {str(d): p for d, p in knn.items()}})
+    else:
+      model = ServedModel(hybrid, cf, *fusion_from_meta(saved, data))
   finally:
     checkpointer.close()
-  model = ServedModel(hybrid, cf, weights)
   results = evaluate_and_report(model, data, step, workdir, "frozen", config)
-  if weights:
-    print("fusion weights (tuned on valid): " + ", ".join(
-        f"{data.names[d]} {w}" for d, w in weights.items()))
+  report_fusion(model, data)
   return {"step": step, "metrics": results, "model": model}

@@ -205,6 +205,43 @@ def test_fusion_weights_pick_the_informative_component():
     fusion.fuse({"good": good}, {"good": 0.0})
 
 
+def test_cold_item_terms_lift_cold_targets_only_when_valid_says_so():
+  """CF sees warm items only (cold columns at its floor); the text component sees every item. With
+  cold targets the tuned terms boost text / add an offset on the cold columns; with none the
+  plain fusion (no terms) is kept; ``fuse`` adds exactly boost * z + offset on those columns."""
+  rng = np.random.default_rng(0)
+  n, items = 300, 60
+  counts = np.where(np.arange(items) < 45, 10, 0)  # items 45.. are cold (no train interaction)
+  cold_targets = rng.random(n) < 0.4
+  target = np.where(cold_targets, rng.integers(45, items, n), rng.integers(0, 45, n))
+  cf = rng.normal(size=(n, items))
+  cf[np.arange(n), target] += np.where(cold_targets, 0.0, 3.0)
+  cf[:, 45:] = -3.0  # CF cannot score cold items: they sit below everything it scored
+  text = rng.normal(size=(n, items))
+  text[np.arange(n), target] += 1.5
+  parts = {"item_knn": cf, "text_knn": text}
+  weights, _ = fusion.tune_weights(parts, target, None, k=10)
+  terms = fusion.tune_cold(parts, weights, target, None, counts, max_train=2)
+  assert terms.active and (terms.boost["text_knn"] > 0 or terms.offset > 0), terms
+  plain = ranking.ranking_metrics(np.asarray(fusion.fuse(parts, weights)), target, None, k=10)
+  lifted = ranking.ranking_metrics(np.asarray(fusion.fuse(parts, weights, terms)), target, None, k=10)
+  assert lifted["ndcg@10"] > plain["ndcg@10"] + 0.02, (plain, lifted)
+  expected = np.array(fusion.fuse(parts, weights))
+  expected[:, 45:] += terms.boost["text_knn"] * np.asarray(fusion.zscore_rows(text))[:, 45:] + terms.offset
+  np.testing.assert_allclose(np.asarray(fusion.fuse(parts, weights, terms)), expected, atol=1e-5)
+  saved = fusion.ColdItems.from_json(terms.to_json(), counts)
+  np.testing.assert_array_equal(saved.columns, terms.columns)
+  assert saved.boost == terms.boost and saved.offset == terms.offset
+
+  warm = np.where(cold_targets, rng.integers(0, 45, n), target)  # no target is cold
+  cf_warm = rng.normal(size=(n, items))
+  cf_warm[np.arange(n), warm] += 3.0
+  cf_warm[:, 45:] = -3.0
+  warm_parts = {"item_knn": cf_warm, "text_knn": rng.normal(size=(n, items))}
+  warm_weights, _ = fusion.tune_weights(warm_parts, warm, None, k=10)
+  assert not fusion.tune_cold(warm_parts, warm_weights, warm, None, counts, max_train=2).active
+
+
 def test_interaction_log_reads_every_split_and_caches_it(tmp_path):
   cfg = data_lib.SyntheticConfig(num_users=30, items_per_domain=12, seed=0)
   builder = data_lib.prepare("synthetic", data_dir=str(tmp_path), synthetic_config=cfg)

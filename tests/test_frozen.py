@@ -138,6 +138,49 @@ def _planted_sequences(seed=0, users=300, items=40):
   return _log(domains, [[f"a{i}" for i in range(items)], [f"b{i}" for i in range(items)]], rows)
 
 
+def test_prefix_windows_give_exactly_the_per_example_histories():
+  """Prefix histories (before_target) read off per-user sequences and per-domain prefix sums
+  (what training uses: cost linear in the sequences) equal the per-example histories that
+  evaluation pools row by row, for every history term (ID factors, text MLP, profile, gates),
+  with users longer than the history length and windows crossing domains."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from crossrec_jax.training import hybrid  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  domains = [{"name": "a", "task": "implicit"}, {"name": "b", "task": "rating", "min_rating": 1.0,
+                                                   "max_rating": 5.0}]
+  rows = []
+  for u in range(60):
+    n = int(rng.integers(1, 40))  # some users far past history_length
+    for t in range(n):
+      d = "a" if rng.random() < 0.6 else "b"
+      split = "test" if t == n - 1 and n > 2 else "train"
+      rows.append((f"u{u}", d, f"{d}{rng.integers(25)}", float(rng.integers(1, 6)) if d == "b" else 1.0,
+                   t, split))
+  rows = list({(r[0], r[1], r[2]): r for r in rows}.values())  # one row per (user, item)
+  data = _log(domains, [[f"a{i}" for i in range(25)], [f"b{i}" for i in range(25)]], rows)
+  text = rng.normal(size=(data.num_items, 8)).astype(np.float32)
+  settings = _settings(data, dim=8, history_length=7, batch_size=64, use_history_text=True,
+                       context="before_target")
+  setup = hybrid.training_setup(data, settings, text)
+  assert setup.windows is not None
+  model = setup.model
+  state = nnx.state(model, nnx.Param)  # every term non-zero
+  nnx.update(model, jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.3, x.dtype), state))
+  t = setup.tables
+  for d in setup.examples:
+    chosen = rng.permutation(len(setup.examples[d]))[:50]
+    args = (data, setup.examples[d], setup.position[d], chosen, setup.batch_size[d],
+            setup.width[d], *setup.histories, setup.profile_rows, True)
+    by_rows, by_windows = hybrid._train_batch(*args), hybrid._train_batch(*args, setup.windows)  # pylint: disable=protected-access
+    assert "seq_items" in by_windows and "seq_items" not in by_rows
+    out = [np.asarray(model.example_user_vectors(
+        {k: jnp.asarray(v) for k, v in b.items()}, t["text"], t["domain_of_item"], t["profile"],
+        user_tags=t["user_tags"])) for b in (by_rows, by_windows)]
+    assert np.abs(out[0]).max() > 0.1
+    np.testing.assert_allclose(out[1], out[0], rtol=1e-5, atol=1e-5)
+
+
 def test_hybrid_ranks_cold_users_from_their_cross_domain_history():
   data = _planted_sequences()
   test = data.queries("test", 1)

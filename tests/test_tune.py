@@ -172,7 +172,7 @@ def test_gs_workdir_stays_a_bucket_url_in_frozen_and_tune(monkeypatch, tmp_path)
                       calls["metrics"].append(str(workdir)))
   config = ml_collections.ConfigDict({
       "data": {"item_max_length": 8, "eval_split": "valid"}, "text_cache": "",
-      "eval": {"cold_item_max_train": 2},
+      "eval": {"cold_item_max_train": 2}, "fusion": {"cold_item_terms": False},
       "keep_checkpoints": 1, "best_metric": "", "best_mode": "max", "async_checkpointing": False,
       "log_every": 1, "eval_every": 0, "checkpoint_every": 0, "steps_per_run": 0,
       "early_stopping_patience": 0})

@@ -145,6 +145,45 @@ class HybridRecommender(nnx.Module):
     training sees what evaluation sees: a history without the target.
     """
     c = self.config
+    sums, n_same, n_other, dom = (self._window_sums(batch, domain_of_item) if "seq_items" in batch
+                                  else self._row_sums(batch, domain_of_item))
+    vec = jnp.zeros((dom.shape[0], c.dim))
+    if c.use_history:
+      y = self.history_factors.value
+      if c.history_text_projection and c.text_dim and c.use_text:
+        y = y + self.history_text(text)   # also gives rarely seen history items a factor
+      y_same, y_other = sums(y)
+      gates = self.history_gates.value[dom]                        # [B, 2]
+      vec = vec + gates[:, :1] * y_same * jax.lax.rsqrt(jnp.maximum(n_same, 1.0))
+      vec = vec + gates[:, 1:] * y_other * jax.lax.rsqrt(jnp.maximum(n_other, 1.0))
+    if c.use_history_text and c.text_dim:
+      t_same, t_other = sums(text)
+      t_same, t_other = t_same / jnp.maximum(n_same, 1.0), t_other / jnp.maximum(n_other, 1.0)
+      features = jnp.concatenate([
+          t_same, t_other, (n_same > 0).astype(jnp.float32), (n_other > 0).astype(jnp.float32),
+          jax.nn.one_hot(dom, c.num_domains)], -1)
+      vec = vec + self.history_mlp_out(jax.nn.gelu(self.history_mlp_in(features)))
+    if c.use_profile and c.text_dim and profile is not None:
+      rows = batch["hist_profile"]
+      vec = vec + (self.profile_text(profile[rows]) if "seq_items" in batch
+                   else self.profile_text(profile[rows])[batch["example_hist"]])
+    user = batch["user"]                                           # num_users when unknown
+    if c.use_ids and c.use_user_ids:
+      vec = vec + self.user_factors.value[user] * (user < c.num_users)[:, None]
+    if c.num_user_tags and user_tags is not None:  # [num_users + 1, num_user_tags]; last row 0
+      if user.shape[0] > user_tags.shape[0]:   # project each user once, then gather
+        vec = vec + (user_tags @ self.user_tag_embeddings.value)[user]
+      else:
+        vec = vec + user_tags[user] @ self.user_tag_embeddings.value
+    if user_delta is not None:
+      vec = vec + user_delta
+    return vec
+
+  def _row_sums(self, batch, domain_of_item):
+    """History sums pooled once per distinct history row (``hist_items`` / ``hist_rows``, or
+    ``hist`` [H, L]) and gathered per example (``example_hist``): (sums(table) -> (same,
+    other) [B, F], n_same [B, 1], n_other [B, 1], the examples' domains [B])."""
+    c = self.config
     dom = batch["hist_domain"]                                     # [H]
     num_rows = dom.shape[0]
     if "hist_items" in batch:
@@ -159,42 +198,55 @@ class HybridRecommender(nnx.Module):
     same = valid & (domain_of_item[items] == dom[rows])
     other = valid & ~same if c.cross_domain else jnp.zeros_like(valid)
     count = lambda mask: jax.ops.segment_sum(mask.astype(jnp.float32), rows, num_rows)
-    n_same = count(same)[at][:, None] - own
-    n_other = count(other)[at][:, None]
 
     def pooled(table, mask):                                       # per history row: sum
       return jax.ops.segment_sum(mask.astype(table.dtype)[:, None] * table[items], rows, num_rows)
 
-    vec = jnp.zeros((at.shape[0], c.dim))
-    if c.use_history:
-      y = self.history_factors.value
-      if c.history_text_projection and c.text_dim and c.use_text:
-        y = y + self.history_text(text)   # also gives rarely seen history items a factor
-      y_same = pooled(y, same)[at] - own * y[own_item]
-      y_other = pooled(y, other)[at]
-      gates = self.history_gates.value[dom][at]                    # [B, 2]
-      vec = vec + gates[:, :1] * y_same * jax.lax.rsqrt(jnp.maximum(n_same, 1.0))
-      vec = vec + gates[:, 1:] * y_other * jax.lax.rsqrt(jnp.maximum(n_other, 1.0))
-    if c.use_history_text and c.text_dim:
-      t_same = (pooled(text, same)[at] - own * text[own_item]) / jnp.maximum(n_same, 1.0)
-      t_other = pooled(text, other)[at] / jnp.maximum(n_other, 1.0)
-      features = jnp.concatenate([
-          t_same, t_other, (n_same > 0).astype(jnp.float32), (n_other > 0).astype(jnp.float32),
-          jax.nn.one_hot(dom[at], c.num_domains)], -1)
-      vec = vec + self.history_mlp_out(jax.nn.gelu(self.history_mlp_in(features)))
-    if c.use_profile and c.text_dim and profile is not None:
-      vec = vec + self.profile_text(profile[batch["hist_profile"]])[at]
-    user = batch["user"]                                           # num_users when unknown
-    if c.use_ids and c.use_user_ids:
-      vec = vec + self.user_factors.value[user] * (user < c.num_users)[:, None]
-    if c.num_user_tags and user_tags is not None:  # [num_users + 1, num_user_tags]; last row 0
-      if user.shape[0] > user_tags.shape[0]:   # project each user once, then gather
-        vec = vec + (user_tags @ self.user_tag_embeddings.value)[user]
-      else:
-        vec = vec + user_tags[user] @ self.user_tag_embeddings.value
-    if user_delta is not None:
-      vec = vec + user_delta
-    return vec
+    def sums(table):
+      return pooled(table, same)[at] - own * table[own_item], pooled(table, other)[at]
+
+    return sums, count(same)[at][:, None] - own, count(other)[at][:, None], dom[at]
+
+  def _window_sums(self, batch, domain_of_item):
+    """The same sums for prefix histories (each example sees the newest rows of its user's
+    sequence before it), read off per-domain prefix sums of each user's sequence, so the cost
+    is the sequences' length, not examples x history length. ``seq_items`` [M]: the batch's
+    users' sequences back to back, each closed by a padding entry; ``seq_start`` [M]: 1 where
+    a sequence starts; ``window_lo`` / ``window_hi`` [B]: each example's history is
+    ``seq_items[lo:hi]`` (hi at most its sequence's closing entry)."""
+    c = self.config
+    items, lo, hi, dom = batch["seq_items"], batch["window_lo"], batch["window_hi"], batch["domain"]
+    valid = items < c.num_items
+    item_domain = jnp.where(valid, domain_of_item[items], -1)
+    onehot = (item_domain[:, None] == jnp.arange(c.num_domains)[None, :]).astype(jnp.float32)
+    start = batch["seq_start"].astype(bool)
+
+    def before(x):
+      """Per entry: the sum of x over the earlier entries of its sequence ([M, ...])."""
+      flag = start.reshape(start.shape + (1,) * (x.ndim - 1))
+
+      def add(a, b):
+        return jnp.where(b[1], b[0], a[0] + b[0]), a[1] | b[1]
+
+      inclusive, _ = jax.lax.associative_scan(add, (x, jnp.broadcast_to(flag, x.shape)))
+      return inclusive - x
+
+    def window(x):                                                 # [B, D, ...]
+      e = before(x)
+      return e[hi] - e[lo]
+
+    rows = jnp.arange(dom.shape[0])
+    counts = window(onehot)                                        # [B, D]
+    n_same = counts[rows, dom][:, None]
+    n_other = (counts.sum(1)[:, None] - n_same) if c.cross_domain else jnp.zeros_like(n_same)
+
+    def sums(table):
+      w = window(onehot[:, :, None] * table[items][:, None, :])    # [B, D, F]
+      same = w[rows, dom]
+      other = (w.sum(1) - same) if c.cross_domain else jnp.zeros_like(same)
+      return same, other
+
+    return sums, n_same, n_other, dom
 
   def user_bias_of(self, user, domain):
     """mu_d + b_{u,d}; the global mean stays when biases are switched off."""

@@ -33,7 +33,8 @@ from crossrec_jax.models.hybrid import (ITEMS, USERS, HybridConfig, HybridRecomm
 from crossrec_jax.training import adversarial, loop, optim
 from crossrec_jax.training.inputs import (HybridSettings, _history_length, build_histories,
                                           flat_histories, resolve_context, resolve_user_ids,
-                                          standardize, tag_matrix, tag_vocabulary)
+                                          standardize, tag_matrix, tag_vocabulary, window_batch,
+                                          window_index)
 from crossrec_jax.training.steps import TrainState, state_shardings
 
 
@@ -199,6 +200,7 @@ class TrainingSetup:
   steps_per_epoch: dict[int, int]
   q_item: np.ndarray
   num_train: float
+  windows: Any = None  # inputs.Windows for prefix histories (before_target), else None
 
 
 def training_setup(data: InteractionData, settings: HybridSettings, text=None, profile=None,
@@ -266,9 +268,11 @@ def training_setup(data: InteractionData, settings: HybridSettings, text=None, p
   batch_size = {d: min(s.batch_size, len(rows)) for d, rows in examples.items()}
   width = {d: min(batch_size[d], len(np.unique(example_hist[position[d]]))) for d in examples}
   steps_per_epoch = {d: -(-len(rows) // batch_size[d]) for d, rows in examples.items()}
+  windows = (window_index(data, all_rows, _history_length(s, context))
+             if context == "before_target" else None)
   return TrainingSetup(model, context, tables, profile_rows, examples, position,
                        (hist, example_hist, hist_domain, hist_user), batch_size, width,
-                       steps_per_epoch, q_item, float(len(all_rows)))
+                       steps_per_epoch, q_item, float(len(all_rows)), windows)
 
 
 def pad_rows(table, rows: int):
@@ -326,7 +330,7 @@ class HybridBatches(loop.ResumableIterator):
     else:
       host = _train_batch(self.data, setup.examples[d], setup.position[d], chosen,
                           setup.batch_size[d], setup.width[d], *setup.histories,
-                          setup.profile_rows, setup.context == "before_target")
+                          setup.profile_rows, setup.context == "before_target", setup.windows)
       batch = self.put(host)
       if setup.steps_per_epoch[d] == 1:
         self.cache[d] = batch
@@ -519,22 +523,28 @@ def _make_step(loss, tx, s: HybridSettings, num_item_vectors: int, shardings_: T
 
 
 def _train_batch(data, rows, positions, chosen, batch_size, width, hist, example_hist,
-                 hist_domain, hist_user, profile_rows, before_target):
+                 hist_domain, hist_user, profile_rows, before_target, windows=None):
   """One domain's batch; ``width`` distinct histories (padded), as the jitted step's shapes
-  must not change from batch to batch."""
+  must not change from batch to batch. With ``windows`` (prefix histories) the histories are
+  the users' sequences instead (``inputs.window_batch``)."""
   n = len(chosen)
   pad = batch_size - n
   chosen = np.concatenate([chosen, np.zeros(pad, chosen.dtype)])
   pos = positions[chosen]
   target = rows[chosen]
+  examples = {
+      "user": data.user[target].astype(np.int32), "domain": data.domain[target].astype(np.int32),
+      "item": data.item[target].astype(np.int32), "label": data.label[target].astype(np.float32),
+      "weight": np.concatenate([np.ones(n), np.zeros(pad)]).astype(np.float32)}
+  if windows is not None:
+    return {**window_batch(windows, pos, data.user[target], data.num_items),
+            "hist_profile": profile_rows[data.user[target]], **examples}
   used, inverse = np.unique(example_hist[pos], return_inverse=True)
   hist_rows = np.concatenate([used, np.full(width - len(used), used[0])])
   return {
       **flat_histories(hist[hist_rows], data.num_items), "hist_domain": hist_domain[hist_rows],
       "hist_profile": profile_rows[hist_user[hist_rows]], "example_hist": inverse.astype(np.int32),
-      "user": data.user[target].astype(np.int32), "domain": data.domain[target].astype(np.int32),
-      "item": data.item[target].astype(np.int32), "label": data.label[target].astype(np.float32),
-      "weight": np.concatenate([np.ones(n), np.zeros(pad)]).astype(np.float32),
+      **examples,
       # Exact membership (histories are capped): a target counted in its own history.
       "self_in_history": (hist[example_hist[pos]] == data.item[target][:, None]).any(1).astype(
           np.int32) * int(not before_target),

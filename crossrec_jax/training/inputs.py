@@ -149,10 +149,7 @@ def build_histories(data: InteractionData, rows: np.ndarray, mode: str, length: 
     idx = hi[:, None] - 1 - np.arange(length)[None, :]
     ok = idx >= lo[:, None]
   elif mode == "before_target":
-    span = data.order.max() - data.order.min() + 1.0
-    key = data.user[ctx] * span + (data.order[ctx] - data.order.min())
-    target = users * span + (data.order[rows] - data.order.min())
-    end = np.searchsorted(key, target, side="left")     # strictly before the target
+    end = _ends(data, rows, ctx)
     idx = end[:, None] - 1 - np.arange(length)[None, :]
     ok = idx >= start[users][:, None]
     example_hist = np.arange(len(rows))
@@ -161,6 +158,61 @@ def build_histories(data: InteractionData, rows: np.ndarray, mode: str, length: 
     raise ValueError(f"unknown history context {mode!r}; use before_target or all")
   hist = np.where(ok, data.item[ctx[np.clip(idx, 0, len(ctx) - 1)]], pad).astype(np.int32)
   return hist, example_hist.astype(np.int32), hist_domain.astype(np.int32), hist_user.astype(np.int32)
+
+
+def _ends(data: InteractionData, rows: np.ndarray, ctx: np.ndarray) -> np.ndarray:
+  """Per target row: the index into ``ctx`` (context rows sorted by user, order) just past the
+  user's rows strictly before it."""
+  span = data.order.max() - data.order.min() + 1.0
+  key = data.user[ctx] * span + (data.order[ctx] - data.order.min())
+  target = data.user[rows] * span + (data.order[rows] - data.order.min())
+  return np.searchsorted(key, target, side="left")
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+  """Prefix histories of the train examples (``context="before_target"``) as windows of the
+  users' context sequences: example e sees ``items[begin[e]:end[e]]`` (its user's newest
+  ``length`` rows before it). Batches carry the sequences once per user (``window_batch``), so
+  the history term costs the sequences' length, not examples x ``length``."""
+  items: np.ndarray   # [C] the context rows' items, by (user, order)
+  begin: np.ndarray   # [n] per example (the ``rows`` order of ``window_index``)
+  end: np.ndarray     # [n]
+
+
+def window_index(data: InteractionData, rows: np.ndarray, length: int) -> Windows:
+  ctx, start = _context_index(data)
+  end = _ends(data, rows, ctx)
+  begin = np.maximum(start[data.user[rows]], end - length)
+  return Windows(data.item[ctx].astype(np.int32), begin.astype(np.int64), end.astype(np.int64))
+
+
+def window_batch(windows: Windows, examples: np.ndarray, users: np.ndarray, pad: int,
+                 min_size: int = 256) -> dict[str, np.ndarray]:
+  """The batch's histories for ``HybridRecommender._window_sums``: each of its users' span of
+  the context sequence that its examples' windows cover, back to back, each closed by a ``pad``
+  entry, padded to a power of two (few shapes, few compilations)."""
+  begin, end = windows.begin[examples], windows.end[examples]
+  uniq, inv = np.unique(users, return_inverse=True)
+  lo = np.full(len(uniq), np.iinfo(np.int64).max)
+  hi = np.zeros(len(uniq), np.int64)
+  np.minimum.at(lo, inv, begin)
+  np.maximum.at(hi, inv, end)
+  length = hi - lo + 1                                   # + the closing entry
+  offset = np.concatenate([[0], np.cumsum(length)[:-1]])
+  total = int(length.sum())
+  size = max(min_size, 1 << int(np.ceil(np.log2(total + 1))))
+  local = np.arange(total) - np.repeat(offset, length)
+  source = np.repeat(lo, length) + local
+  closing = local == np.repeat(length, length) - 1
+  items = np.full(size, pad, np.int32)
+  items[:total] = np.where(closing, pad, windows.items[np.minimum(source, len(windows.items) - 1)])
+  start = np.zeros(size, np.int32)
+  start[offset] = 1
+  start[total:total + 1] = 1                             # the padding tail is its own sequence
+  return {"seq_items": items, "seq_start": start,
+          "window_lo": (offset[inv] + begin - lo[inv]).astype(np.int32),
+          "window_hi": (offset[inv] + end - lo[inv]).astype(np.int32)}
 
 
 def flat_histories(hist: np.ndarray, pad: int, min_size: int = 256) -> dict[str, np.ndarray]:

@@ -60,7 +60,8 @@ def _refresh_rows(batch, num_items: int, limit: int) -> np.ndarray:
   """[limit] item rows to re-encode: the batch's targets, then its history items, each once, in
   order of appearance; padded with an out-of-range row (dropped by the scatter)."""
   weight = np.asarray(batch["weight"]) > 0
-  hist = np.asarray(batch["hist_items"] if "hist_items" in batch else batch["hist"]).reshape(-1)
+  key = next(k for k in ("seq_items", "hist_items", "hist") if k in batch)
+  hist = np.asarray(batch[key]).reshape(-1)
   candidates = np.concatenate([np.asarray(batch["item"])[weight], hist[hist < num_items]])
   _, first = np.unique(candidates, return_index=True)
   rows = candidates[np.sort(first)][:limit]

@@ -187,11 +187,19 @@ def window_index(data: InteractionData, rows: np.ndarray, length: int) -> Window
   return Windows(data.item[ctx].astype(np.int32), begin.astype(np.int64), end.astype(np.int64))
 
 
+def _bucket(n: int, min_size: int) -> int:
+  """The smallest of 2^k x {1, 1.25, 1.5, 1.75} >= n: at most 25% padding, 4 shapes per octave."""
+  if n <= min_size:
+    return min_size
+  base = 1 << (int(n).bit_length() - 1)
+  return next(base * q // 4 for q in (4, 5, 6, 7, 8) if base * q // 4 >= n)
+
+
 def window_batch(windows: Windows, examples: np.ndarray, users: np.ndarray, pad: int,
                  min_size: int = 256) -> dict[str, np.ndarray]:
   """The batch's histories for ``HybridRecommender._window_sums``: each of its users' span of
   the context sequence that its examples' windows cover, back to back, each closed by a ``pad``
-  entry, padded to a power of two (few shapes, few compilations)."""
+  entry, padded to a size bucket (``_bucket``: few shapes, few compilations)."""
   begin, end = windows.begin[examples], windows.end[examples]
   uniq, inv = np.unique(users, return_inverse=True)
   lo = np.full(len(uniq), np.iinfo(np.int64).max)
@@ -201,7 +209,7 @@ def window_batch(windows: Windows, examples: np.ndarray, users: np.ndarray, pad:
   length = hi - lo + 1                                   # + the closing entry
   offset = np.concatenate([[0], np.cumsum(length)[:-1]])
   total = int(length.sum())
-  size = max(min_size, 1 << int(np.ceil(np.log2(total + 1))))
+  size = _bucket(total + 1, min_size)
   local = np.arange(total) - np.repeat(offset, length)
   source = np.repeat(lo, length) + local
   closing = local == np.repeat(length, length) - 1

@@ -163,7 +163,7 @@ def test_prefix_windows_give_exactly_the_per_example_histories():
   settings = _settings(data, dim=8, history_length=7, batch_size=64, use_history_text=True,
                        context="before_target")
   setup = hybrid.training_setup(data, settings, text)
-  assert setup.windows is not None
+  assert setup.windows is not None and not setup.window_domains  # short histories: not worth it
   model = setup.model
   state = nnx.state(model, nnx.Param)  # every term non-zero
   nnx.update(model, jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.3, x.dtype), state))
@@ -179,6 +179,15 @@ def test_prefix_windows_give_exactly_the_per_example_histories():
         user_tags=t["user_tags"])) for b in (by_rows, by_windows)]
     assert np.abs(out[0]).max() > 0.1
     np.testing.assert_allclose(out[1], out[0], rtol=1e-5, atol=1e-5)
+
+  # Long sequences trained full-batch (ratings): per-example histories would hold ~28x the
+  # sequences' entries, so training takes the windows there.
+  long_rows = [(f"u{u}", "b", f"b{i}", float(rng.integers(1, 6)), i, "train")
+               for u in range(20) for i in range(60)] + [("u0", "a", "a0", 1.0, 99, "test")]
+  long = _log(domains, [["a0"], [f"b{i}" for i in range(60)]], long_rows)
+  long_setup = hybrid.training_setup(long, _settings(long, history_length=50, batch_size=1 << 20,
+                                                     context="before_target"))
+  assert long_setup.window_domains == (1,), long_setup.window_domains
 
 
 def test_hybrid_ranks_cold_users_from_their_cross_domain_history():
